@@ -1,0 +1,186 @@
+"""One typed configuration for every stage, loaded from ``params.yaml``.
+
+``params.yaml`` is the single source of defaults: the CLI, the DVC stages and the KFP pipeline parameters all
+read it through :func:`load_config`. Each stage keeps its own ``@dataclass`` next to the code it configures
+(``moon3/data/config.py``, ``moon3/model/config.py``, ...); this module only assembles them and enforces the
+rules: an unknown key or a value of the wrong type is an error that names the key.
+
+Overrides use dotted keys, e.g. ``train.lr=3e-4`` or ``model.fusion=false``; values are parsed as YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moon3.data.config import DataConfig
+from moon3.eval.config import EvalConfig
+from moon3.model.config import ModelConfig
+from moon3.pipelines.config import PipelineConfig
+from moon3.train.config import TrainConfig
+from moon3.validation.config import ValidationConfig
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value has the wrong type."""
+
+
+@dataclass
+class Moon3Config:
+    """All stage configs; one section of ``params.yaml`` each."""
+
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset preparation."})
+    validation: ValidationConfig = field(
+        default_factory=ValidationConfig, metadata={"help": "Data validation gate."}
+    )
+    model: ModelConfig = field(
+        default_factory=ModelConfig, metadata={"help": "Backbone and embedding contract."}
+    )
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Contrastive pretraining."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "MBE3.0-style evaluation."})
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig, metadata={"help": "Kubeflow pipeline."})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict, the shape of ``params.yaml``."""
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float). Raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        _, val_tp = typing.get_args(tp) or (Any, Any)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected bool (true/false), got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a bug in a config class, not in the YAML
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    where = prefix or "params"
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__} {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown key '{name}' (known keys in {where}: {', '.join(sorted(known))})")
+    kwargs = {}
+    for key, value in values.items():
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> Moon3Config:
+    """Build and check a :class:`Moon3Config` from a nested dict (the ``params.yaml`` shape)."""
+    return _build(Moon3Config, values, "")
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = values
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return values
+
+
+def load_config(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Moon3Config:
+    """Load ``params.yaml`` (missing file: built-in defaults), apply overrides, and type-check everything.
+
+    Args:
+        path: YAML file with one section per stage; ``None`` uses only the built-in defaults.
+        overrides: ``section.key=value`` strings applied after the file.
+
+    Raises:
+        ConfigError: for an unknown key or a value of the wrong type; the message names the key.
+    """
+    values: dict[str, Any] = {}
+    if path is not None and Path(path).exists():
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        values = loaded
+    try:
+        return config_from_dict(apply_overrides(values, overrides))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+
+
+def help_table(cls: type = Moon3Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) rows for every leaf field, used by ``moon3 config show``."""
+    rows = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(help_table(type(value), key))
+        else:
+            rows.append((key, repr(value), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,33 @@
+"""Configuration of contrastive pretraining (``params.yaml`` section ``train``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    """Stage A of method.md section 4."""
+
+    out_dir: str = field(default="models/pretrain", metadata={"help": "Checkpoints and the final model."})
+    steps: int = field(default=300, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=16, metadata={"help": "Query/product pairs per process per micro-batch."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate (cosine schedule)."})
+    warmup_steps: int = field(default=20, metadata={"help": "Linear warmup steps."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0: off)."})
+    temperature_init: float = field(
+        default=0.05, metadata={"help": "Initial InfoNCE temperature (learnable)."}
+    )
+    hard_negatives_per_query: int = field(default=1, metadata={"help": "Same-category negatives per query."})
+    lambda_sft: float = field(
+        default=0.1, metadata={"help": "Weight of next-token loss on traces, if present."}
+    )
+    save_every: int = field(default=100, metadata={"help": "Checkpoint every N steps."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling and initialisation."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    deepspeed_config: str = field(
+        default="", metadata={"help": "Path of a DeepSpeed JSON config ('' = off)."}
+    )
+    mlflow_experiment: str = field(default="moon3", metadata={"help": "MLflow experiment name."})

@@ -1,0 +1,1 @@
+"""moon3.validation."""

@@ -1,0 +1,27 @@
+"""Shared fixtures. Environment first: these keep third-party tools quiet and offline in every test."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from moon3.data.config import DataConfig  # noqa: E402
+from moon3.data.mini import make_sample  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mini_dataset(tmp_path_factory) -> Path:
+    """A small mbe3-mini sample shared by the whole session (read-only: copy it before corrupting)."""
+    root = tmp_path_factory.mktemp("mbe3-mini")
+    make_sample(DataConfig(n_products=200, n_queries=200, seed=0), root, progress=False)
+    return root
