@@ -10,6 +10,9 @@ class TrainConfig:
     """Stage A of method.md section 4."""
 
     out_dir: str = field(default="models/pretrain", metadata={"help": "Checkpoints and the final model."})
+    report_dir: str = field(
+        default="reports/pretrain", metadata={"help": "train_metrics.json and dvclive plots (loss, temperature)."}
+    )
     steps: int = field(default=300, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=16, metadata={"help": "Query/product pairs per process per micro-batch."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -17,17 +20,19 @@ class TrainConfig:
     warmup_steps: int = field(default=20, metadata={"help": "Linear warmup steps."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0: off)."})
-    temperature_init: float = field(
-        default=0.05, metadata={"help": "Initial InfoNCE temperature (learnable)."}
-    )
+    temperature_init: float = field(default=0.05, metadata={"help": "Initial InfoNCE temperature (learnable)."})
     hard_negatives_per_query: int = field(default=1, metadata={"help": "Same-category negatives per query."})
-    lambda_sft: float = field(
-        default=0.1, metadata={"help": "Weight of next-token loss on traces, if present."}
-    )
+    lambda_sft: float = field(default=0.1, metadata={"help": "Weight of next-token loss on traces, if present."})
     save_every: int = field(default=100, metadata={"help": "Checkpoint every N steps."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling and initialisation."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
-    deepspeed_config: str = field(
-        default="", metadata={"help": "Path of a DeepSpeed JSON config ('' = off)."}
+    num_workers: int = field(
+        default=0, metadata={"help": "DataLoader workers building batches ahead (0: in the training process)."}
     )
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on a bf16 GPU, else fp32) | fp32 | bf16."})
+    heldout_queries: int = field(
+        default=200, metadata={"help": "Eval-split text queries for the quick Recall@10 check at start/end (0: off)."}
+    )
+    log_every: int = field(default=10, metadata={"help": "Log metrics every N steps."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    deepspeed_config: str = field(default="", metadata={"help": "Path of a DeepSpeed JSON config ('' = off)."})
     mlflow_experiment: str = field(default="moon3", metadata={"help": "MLflow experiment name."})

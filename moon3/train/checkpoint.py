@@ -1,0 +1,124 @@
+"""Atomic, resumable training checkpoints.
+
+A checkpoint is a folder ``checkpoints/step-000100`` holding the weights (safetensors), the optimizer and
+scheduler state, every rank's RNG state and ``state.json``. It is written under a temporary name and renamed
+into place only when complete, so a run killed mid-save leaves the previous checkpoint as the latest one.
+Optimizer state is read back with ``torch.load(weights_only=True)``: tensors and plain containers only, never
+arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def checkpoint_dir(root: str | Path, step: int) -> Path:
+    """``<root>/checkpoints/step-<step>``."""
+    return Path(root) / "checkpoints" / f"step-{step:06d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None. Half-written (``.tmp``) folders are ignored."""
+    folder = Path(root) / "checkpoints"
+    if not folder.exists():
+        return None
+    steps = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return max(steps)[1] if steps else None
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states (CPU and, if present, CUDA)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    rank: int = 0,
+    world_size: int = 1,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` atomically (plain PyTorch / DDP path; rank 0 writes the shared parts).
+
+    Every rank must call it (each writes its own RNG state); ranks synchronise before the rename.
+    """
+    final = checkpoint_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(world_size)
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    if rank == 0:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": world_size}, indent=2))
+    _barrier(world_size)
+    if rank == 0:
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _prune(root, keep)
+    _barrier(world_size)
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int = 0,
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG from ``path``; return ``state.json``."""
+    path = Path(path)
+    load_model(model, str(path / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng-rank{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return json.loads((path / "state.json").read_text())
+
+
+def _prune(root: str | Path, keep: int) -> None:
+    folder = Path(root) / "checkpoints"
+    steps = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)))
+    for _, old in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,394 @@
+"""Stage A, contrastive pretraining (method.md section 4): the training loop.
+
+One code path for a single CPU process, several data-parallel processes (``torchrun``, DDP) and DeepSpeed
+ZeRO-2/3 (``train.deepspeed_config``, launched with ``deepspeed`` or ``torchrun``). Each step:
+
+1. the :class:`~moon3.train.data.HardNegativeSampler` picks this rank's pairs and hard negatives for ``step``;
+2. queries and products go through the embedder in one batch (products with their teacher trace when a
+   ``traces.parquet`` exists, which also yields the next-token loss on the trace);
+3. embeddings are gathered from every rank and symmetric InfoNCE runs over the global batch;
+4. AdamW with warmup + cosine, gradient clipping; a checkpoint every ``save_every`` steps.
+
+Outputs in ``out_dir``: ``init/`` (the untrained model, the baseline for evaluation), ``final/`` (the trained
+model, self-contained) and ``checkpoints/``; in ``train.report_dir``: ``train_metrics.json`` and ``dvclive/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from moon3.config import Moon3Config
+from moon3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moon3.train.data import HardNegativeSampler, PairBatch, PairData
+from moon3.train.heldout import heldout_text_recall
+from moon3.train.loss import LearnableTemperature, contrastive_loss, gather_no_grad, gather_with_grad
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the data-parallel group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(use_deepspeed: bool) -> DistInfo:
+    """Join the process group the launcher (torchrun / deepspeed) describes in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device)
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    elif world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+class ContrastiveModel(nn.Module):
+    """The embedder plus the learnable temperature: one module, one state dict, one optimizer."""
+
+    def __init__(self, embedder: nn.Module, temperature_init: float):
+        super().__init__()
+        self.embedder = embedder
+        self.temperature = LearnableTemperature(temperature_init)
+
+    def forward(self, inputs: dict[str, Any], n_queries: int, positive_index: torch.Tensor,
+                product_ids: torch.Tensor, lambda_sft: float) -> dict[str, torch.Tensor]:  # fmt: skip
+        out = self.embedder(inputs)
+        queries = gather_with_grad(out.embeddings[:n_queries])
+        products = gather_with_grad(out.embeddings[n_queries:])
+        tau = self.temperature()
+        infonce = contrastive_loss(queries, products, positive_index, product_ids, tau)
+        loss = infonce
+        if out.lm_loss is not None and lambda_sft > 0:
+            loss = loss + lambda_sft * out.lm_loss
+        parts = {"loss": loss, "infonce": infonce.detach(), "temperature": tau.detach()}
+        if out.lm_loss is not None:
+            parts["lm_loss"] = out.lm_loss.detach()
+        return parts
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
+    """LR multiplier: linear warmup to 1, then cosine down to ``floor``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class BatchBuilder:
+    """Turns a :class:`PairBatch` into model inputs; also run inside DataLoader workers."""
+
+    def __init__(self, data: PairData, prepare_batch, world_size: int):
+        from moon3.model.items import product_item, query_item
+
+        self.data = data
+        self.prepare_batch = prepare_batch
+        self.world_size = world_size
+        self._product_item, self._query_item = product_item, query_item
+        # Stable integer identity of each product row, so duplicates across ranks can be masked.
+        self.product_codes = torch.arange(len(data.products), dtype=torch.long)
+
+    def __call__(self, batch: PairBatch) -> dict[str, Any]:
+        queries = self.data.queries.iloc[batch.query_rows]
+        products = self.data.products.iloc[batch.product_rows]
+        items = [self._query_item(row, self.data.root) for _, row in queries.iterrows()]
+        items += [self._product_item(row, self.data.root) for _, row in products.iterrows()]
+        traces = None
+        if self.data.traces:
+            traces = [None] * len(queries) + [self.data.traces.get(pid) for pid in products["product_id"]]
+        return {
+            "inputs": self.prepare_batch(items, traces),
+            "n_queries": len(queries),
+            "n_products": len(products),
+            "product_codes": self.product_codes[torch.as_tensor(batch.product_rows, dtype=torch.long)],
+        }
+
+
+class StepBatches(torch.utils.data.IterableDataset):
+    """Model inputs for steps ``start..end`` of one rank, built ahead by DataLoader workers."""
+
+    def __init__(self, sampler: HardNegativeSampler, builder: BatchBuilder, rank: int, start: int, end: int):
+        super().__init__()
+        self.sampler, self.builder, self.rank, self.start, self.end = sampler, builder, rank, start, end
+
+    def __iter__(self):
+        for micro_step in range(self.start, self.end):
+            yield self.builder(self.sampler.batch(micro_step, self.rank))
+
+
+def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _positive_index(n_queries: int, n_products: int, world_size: int, device: torch.device) -> torch.Tensor:
+    """Index of each gathered query's positive in the gathered products: rank r's positives start at r*P."""
+    local = torch.arange(n_queries, device=device)
+    return torch.cat([r * n_products + local for r in range(world_size)])
+
+
+def catalog_texts(data_dir: str | Path) -> list[str]:
+    """Texts the tiny backbone's tokenizer is trained on: titles, attributes, categories, train queries."""
+    from moon3.data.schema import read_dataset
+    from moon3.model.items import product_text
+
+    products, queries = read_dataset(data_dir)
+    texts = [product_text(row) for _, row in products.iterrows()]
+    texts += queries.loc[queries["split"] == "train", "query_text"].dropna().tolist()
+    return texts
+
+
+def build_or_load_init(cfg: Moon3Config, data_dir: str | Path, out_dir: Path, dist: DistInfo):
+    """The starting model, identical on every rank: rank 0 builds and saves ``init/``, the others load it."""
+    from moon3.model.embedder import Moon3Embedder
+
+    init_dir = out_dir / "init"
+    if dist.is_main and not (init_dir / "moon3_config.json").exists():
+        torch.manual_seed(cfg.model.seed)
+        Moon3Embedder.from_config(cfg.model, catalog_texts(data_dir)).save_pretrained(init_dir)
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+    return Moon3Embedder.from_pretrained(init_dir)
+
+
+def train_contrastive(
+    cfg: Moon3Config,
+    data_dir: str | Path,
+    out_dir: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Run contrastive pretraining; see the module docstring for what is written where.
+
+    Args:
+        cfg: the whole config (``model`` builds the embedder, ``train`` drives the loop).
+        data_dir: a validated dataset folder (its ``train`` split is used).
+        out_dir: defaults to ``cfg.train.out_dir``.
+        report_dir: defaults to ``cfg.train.report_dir``.
+        resume: continue from the latest complete checkpoint in ``out_dir`` (fresh start if none).
+        progress: show a progress bar on rank 0.
+        max_steps: stop after this many steps of *this* invocation (tests use it to interrupt a run);
+            the schedule still spans ``cfg.train.steps``.
+
+    Returns:
+        Summary metrics (final loss, temperature, pairs/s, steps).
+    """
+    tc = cfg.train
+    out = Path(out_dir or tc.out_dir)
+    reports = Path(report_dir or tc.report_dir)
+    use_ds = bool(tc.deepspeed_config)
+    dist = setup_distributed(use_ds)
+    torch.manual_seed(tc.seed + dist.rank)
+    out.mkdir(parents=True, exist_ok=True)
+
+    embedder = build_or_load_init(cfg, data_dir, out, dist)
+    if tc.gradient_checkpointing:
+        embedder.backbone.gradient_checkpointing_enable()
+    data = PairData(data_dir, "train")
+    if not data.traces:
+        _freeze_unused_lm_head(embedder)
+    model = ContrastiveModel(embedder, tc.temperature_init).to(dist.device)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, tc.steps))
+
+    engine = None
+    runner: nn.Module = model
+    if use_ds:
+        import deepspeed
+
+        ds_config = json.loads(Path(tc.deepspeed_config).read_text())
+        ds_config["train_micro_batch_size_per_gpu"] = tc.batch_size
+        ds_config["gradient_accumulation_steps"] = tc.grad_accum
+        ds_config["gradient_clipping"] = tc.max_grad_norm
+        if ds_config.get("bf16", {}).get("enabled") == "auto":
+            ds_config["bf16"]["enabled"] = _use_bf16(tc.precision, dist.device)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        runner = engine
+    elif dist.world_size > 1:
+        runner = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+
+    start_step, run_id = 0, None
+    latest = latest_checkpoint(out) if resume else None
+    if latest is not None:
+        if engine is not None:
+            engine.load_checkpoint(str(latest), tag="ds")
+            state = json.loads((latest / "state.json").read_text())
+            _load_rng(latest, dist.rank)
+        else:
+            state = load_checkpoint(latest, model, optimizer, scheduler, rank=dist.rank)
+        start_step, run_id = state["step"], state.get("mlflow_run_id")
+        if dist.is_main:
+            print(f"resuming from {latest} (step {start_step})")
+
+    from moon3.train.tracking import Tracker
+
+    tracker = Tracker(dist.is_main, tc.mlflow_experiment, "pretrain", reports / "dvclive", cfg.to_dict(), run_id)
+    sampler = HardNegativeSampler(data, tc.batch_size, tc.hard_negatives_per_query, tc.seed, dist.world_size)
+    builder = BatchBuilder(data, embedder.prepare_batch, dist.world_size)
+    end_step = tc.steps if max_steps is None else min(tc.steps, start_step + max_steps)
+    loader = torch.utils.data.DataLoader(
+        StepBatches(sampler, builder, dist.rank, start_step * tc.grad_accum, end_step * tc.grad_accum),
+        batch_size=None,
+        num_workers=tc.num_workers,
+        prefetch_factor=2 if tc.num_workers > 0 else None,
+        worker_init_fn=_single_threaded_worker,
+    )
+    # DeepSpeed casts the model itself when its config enables bf16.
+    autocast = _autocast(tc.precision if engine is None else "fp32", dist.device)
+    if start_step == 0 and dist.is_main and tc.heldout_queries > 0:
+        recall_init = heldout_text_recall(embedder, data_dir, max_queries=tc.heldout_queries)
+        tracker.log_metrics({"heldout_text_recall_at_10": recall_init}, 0)
+    bar = tqdm(total=end_step - start_step, desc="pretrain", disable=not (progress and dist.is_main))
+    model.train()
+    pairs_done, t0, last = 0, time.perf_counter(), {}
+    batches = iter(loader)
+    try:
+        for step in range(start_step, end_step):
+            for micro in range(tc.grad_accum):
+                batch = next(batches)
+                inputs = _to_device(batch["inputs"], dist.device)
+                codes = gather_no_grad(batch["product_codes"].to(dist.device))
+                positive_index = _positive_index(batch["n_queries"], batch["n_products"], dist.world_size, dist.device)
+                sync = micro == tc.grad_accum - 1
+                is_ddp = isinstance(runner, nn.parallel.DistributedDataParallel)
+                ctx = runner.no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
+                with ctx, autocast:
+                    parts = runner(inputs, batch["n_queries"], positive_index, codes, tc.lambda_sft)
+                if engine is not None:
+                    engine.backward(parts["loss"])
+                    engine.step()
+                else:
+                    (parts["loss"] / tc.grad_accum).backward()
+                pairs_done += batch["n_queries"] * dist.world_size
+            if engine is None:
+                if tc.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            last = {k: float(v.detach()) for k, v in parts.items()}
+            last["lr"] = scheduler.get_last_lr()[0]
+            if dist.is_main and ((step + 1) % tc.log_every == 0 or step == start_step):
+                tracker.log_metrics(last, step + 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", tau=f"{last['temperature']:.3f}")
+            if (step + 1) % tc.save_every == 0 or step + 1 == tc.steps:
+                _save(out, step + 1, model, optimizer, scheduler, engine, dist, tracker.run_id)
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "steps": end_step,
+        "final_loss": last.get("loss", float("nan")),
+        "final_infonce": last.get("infonce", float("nan")),
+        "final_temperature": last.get("temperature", float("nan")),
+        "pairs_per_second": pairs_done / max(elapsed, 1e-9),
+        "world_size": dist.world_size,
+    }
+    if end_step == tc.steps and dist.is_main:
+        if tc.heldout_queries > 0:
+            summary["heldout_text_recall_at_10"] = heldout_text_recall(
+                embedder, data_dir, max_queries=tc.heldout_queries
+            )
+            tracker.log_metrics({"heldout_text_recall_at_10": summary["heldout_text_recall_at_10"]}, end_step)
+            if start_step == 0:
+                summary["heldout_text_recall_at_10_init"] = recall_init
+        final = out / "final"
+        embedder.save_pretrained(final)
+        reports.mkdir(parents=True, exist_ok=True)
+        (reports / "train_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tracker.log_summary({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        tracker.log_model_dir(final)
+    tracker.close()
+    return summary
+
+
+def _single_threaded_worker(_: int) -> None:
+    # A forked worker inherits the trainer's intra-op thread pool; two pools on the same cores thrash.
+    torch.set_num_threads(1)
+
+
+def _freeze_unused_lm_head(embedder: nn.Module) -> None:
+    """Without traces the LM head gets no gradient; freezing it keeps DDP/ZeRO from waiting on it."""
+    head = embedder.backbone.get_output_embeddings()
+    if head is not None and head.weight is not embedder.backbone.get_input_embeddings().weight:
+        head.requires_grad_(False)
+
+
+def _save(out, step, model, optimizer, scheduler, engine, dist: DistInfo, run_id: str | None) -> None:
+    state = {"mlflow_run_id": run_id}
+    if engine is None:
+        save_checkpoint(out, step, model, optimizer, scheduler, state, dist.rank, dist.world_size)
+        return
+    # DeepSpeed writes its own (possibly sharded) files; the same tmp-then-rename rule keeps it atomic.
+    from moon3.train.checkpoint import checkpoint_dir, rng_state
+
+    final = checkpoint_dir(out, step)
+    tmp = final.with_name(final.name + ".tmp")
+    engine.save_checkpoint(str(tmp), tag="ds")
+    torch.save(rng_state(), tmp / f"rng-rank{dist.rank}.pt")
+    if dist.is_main:
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": dist.world_size}))
+    torch.distributed.barrier()
+    if dist.is_main:
+        import shutil
+
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    torch.distributed.barrier()
+
+
+def _load_rng(path: Path, rank: int) -> None:
+    from moon3.train.checkpoint import set_rng_state
+
+    rng_file = path / f"rng-rank{rank}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+
+
+def _use_bf16(precision: str, device: torch.device) -> bool:
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def _autocast(precision: str, device: torch.device):
+    if _use_bf16(precision, device):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

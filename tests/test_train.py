@@ -1,0 +1,143 @@
+"""Contrastive pretraining for real: cross-rank negatives, DeepSpeed ZeRO-2 on CPU, kill-and-resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moon3.config import load_config
+from moon3.model.embedder import Moon3Embedder
+from moon3.train.checkpoint import latest_checkpoint
+from moon3.train.contrastive import catalog_texts
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+FAST = ["train.heldout_queries=0", "train.log_every=1", "train.batch_size=8", "train.warmup_steps=2"]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db",
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions")),
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def init_model(mini_dataset, tmp_path_factory) -> Path:
+    """One untrained tiny model, copied into each run's out_dir so every run starts from the same weights."""
+    cfg = load_config(None)
+    path = tmp_path_factory.mktemp("init") / "init"
+    torch.manual_seed(0)
+    Moon3Embedder.from_config(cfg.model, catalog_texts(mini_dataset)).save_pretrained(path)
+    return path
+
+
+def _out_dir(tmp_path: Path, name: str, init_model: Path) -> Path:
+    out = tmp_path / name
+    shutil.copytree(init_model, out / "init")
+    return out
+
+
+def _train_cmd(out: Path, data: Path, sets: list[str], resume: bool = False) -> list[str]:
+    cmd = [str(BIN / "moon3"), "train", "contrastive", "--params", str(REPO / "params.yaml"),
+           "--data-dir", str(data), "--out-dir", str(out), "--report-dir", str(out / "reports")]  # fmt: skip
+    for item in FAST + sets:
+        cmd += ["--set", item]
+    return cmd + (["--resume"] if resume else [])
+
+
+def test_two_rank_loss_equals_single_process(mini_dataset, init_model, tmp_path):
+    """Negatives gathered from 2 gloo ranks give the single-process loss (and gradients) on the same batch."""
+    worker = str(REPO / "tests" / "workers" / "infonce_rank.py")
+    env = _env(tmp_path)
+    single, double = tmp_path / "single.safetensors", tmp_path / "double.safetensors"
+    subprocess.run([sys.executable, worker, str(init_model), str(mini_dataset), str(single)],
+                   env=env, check=True, capture_output=True)  # fmt: skip
+    result = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29531", worker,
+         str(init_model), str(mini_dataset), str(double)],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = load_file(single), load_file(double)
+    assert abs(a["loss"].item() - b["loss"].item()) < 1e-5, (a["loss"], b["loss"])
+    assert a["loss"].item() > 0.1  # an untrained model: a real, non-trivial loss
+    for name in ("temperature.log_tau", "embedder.proj.weight"):
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_training_loss_falls_and_writes_outputs(mini_dataset, init_model, tmp_path):
+    out = _out_dir(tmp_path, "run", init_model)
+    result = subprocess.run(_train_cmd(out, mini_dataset, ["train.steps=16", "train.save_every=8"]),
+                            env=_env(tmp_path), capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "final" / "moon3_config.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000008", "step-000016"]
+    losses = [
+        float(line.split()[1])
+        for line in (out / "reports/dvclive/plots/metrics/infonce.tsv").read_text().splitlines()[1:]
+    ]  # noqa: E501
+    assert len(losses) == 16
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2, losses  # it learns
+    assert (out / "reports" / "train_metrics.json").exists()
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(mini_dataset, init_model, tmp_path):
+    sets = ["train.steps=10", "train.save_every=4"]
+    env = _env(tmp_path)
+    reference = _out_dir(tmp_path, "reference", init_model)
+    subprocess.run(_train_cmd(reference, mini_dataset, sets), env=env, check=True, capture_output=True)
+
+    killed = _out_dir(tmp_path, "killed", init_model)
+    proc = subprocess.Popen(_train_cmd(killed, mini_dataset, sets), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while latest_checkpoint(killed) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert latest_checkpoint(killed).name == "step-000004" and not (killed / "final").exists()
+
+    resumed = subprocess.run(_train_cmd(killed, mini_dataset, sets, resume=True), env=env,
+                             capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "step 4" in resumed.stdout
+    a = Moon3Embedder.from_pretrained(reference / "final").state_dict()
+    b = Moon3Embedder.from_pretrained(killed / "final").state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_cpu_ranks_save_and_resume(mini_dataset, init_model, tmp_path):
+    """DeepSpeed ZeRO-2 with 2 CPU processes (gloo) trains, checkpoints, and resumes from its checkpoint."""
+    out = _out_dir(tmp_path, "ds", init_model)
+    ds = ["train.deepspeed_config=" + str(REPO / "infra/deepspeed/zero2.json"), "train.save_every=2"]
+    launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29533", "-m", "moon3.cli"]
+    first = subprocess.run(launcher + _train_cmd(out, mini_dataset, ds + ["train.steps=4"])[1:],
+                           env=_env(tmp_path), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-4000:]
+    ckpt = latest_checkpoint(out)
+    assert ckpt.name == "step-000004" and (ckpt / "ds").is_dir() and (ckpt / "rng-rank1.pt").exists()
+    second = subprocess.run(launcher + _train_cmd(out, mini_dataset, ds + ["train.steps=6"], resume=True)[1:],
+                            env=_env(tmp_path), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resuming from" in second.stdout and "(step 4)" in second.stdout
+    assert latest_checkpoint(out).name == "step-000006"
+    assert (out / "final" / "moon3_config.json").exists()
