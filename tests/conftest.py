@@ -10,13 +10,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# One intra-op thread: the tiny models gain nothing from two, and on a busy 2-core runner two threads spin-wait
+# for each other (measured 3-10x slower). Subprocesses (torchrun ranks, dvc stages) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from moon3.data.config import DataConfig  # noqa: E402
 from moon3.data.mini import make_sample  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from moon3.config import load_config
 from moon3.model.embedder import Moon3Embedder
 from moon3.train.checkpoint import latest_checkpoint
-from moon3.train.contrastive import catalog_texts
+from moon3.model.items import catalog_texts
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

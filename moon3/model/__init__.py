@@ -1,1 +1,10 @@
-"""moon3.model."""
+"""moon3.model: the reasoning-aware multimodal embedder (method.md sections 1-3).
+
+- ``contract``: prompt template, special tokens, trace budget, readout, normalisation (versioned).
+- ``backbone``: tiny Qwen-VL-family backbones built from ``tiny/*.json``; loading real ones (path or gs://).
+- ``fusion``: multi-head modality fusion head.  ``fire``: FIRE residual injection via forward hooks.
+- ``embedder``: ``Moon3Embedder`` (prepare_batch / forward / embed / generate_traces / save / load).
+- ``items``: dataset rows -> model items.  ``embed``: whole tables -> embeddings files.
+
+Nothing heavy is imported here: ``moon3.config`` imports ``moon3.model.config`` without pulling in torch.
+"""

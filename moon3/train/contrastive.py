@@ -154,20 +154,10 @@ def _positive_index(n_queries: int, n_products: int, world_size: int, device: to
     return torch.cat([r * n_products + local for r in range(world_size)])
 
 
-def catalog_texts(data_dir: str | Path) -> list[str]:
-    """Texts the tiny backbone's tokenizer is trained on: titles, attributes, categories, train queries."""
-    from moon3.data.schema import read_dataset
-    from moon3.model.items import product_text
-
-    products, queries = read_dataset(data_dir)
-    texts = [product_text(row) for _, row in products.iterrows()]
-    texts += queries.loc[queries["split"] == "train", "query_text"].dropna().tolist()
-    return texts
-
-
 def build_or_load_init(cfg: Moon3Config, data_dir: str | Path, out_dir: Path, dist: DistInfo):
     """The starting model, identical on every rank: rank 0 builds and saves ``init/``, the others load it."""
     from moon3.model.embedder import Moon3Embedder
+    from moon3.model.items import catalog_texts
 
     init_dir = out_dir / "init"
     if dist.is_main and not (init_dir / "moon3_config.json").exists():

@@ -1,0 +1,109 @@
+"""Turning dataset rows into model items: the one place training, evaluation and serving share for it.
+
+An *item* is ``{"image": PIL.Image | None, "text": str | None}``. A product's text is its title followed by
+its attributes (``color: red; size: small``, sorted by attribute type so the text is stable); a query's text
+is its query text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from moon3.data.io import load_image
+
+Item = dict[str, Any]
+
+
+def _present(value: Any) -> bool:
+    """Not None, not NaN, not an empty/blank string."""
+    if value is None:
+        return False
+    if isinstance(value, float) and math.isnan(value):
+        return False
+    return not (isinstance(value, str) and not value.strip())
+
+
+def product_text(row: Mapping[str, Any]) -> str:
+    """Title and attributes of a product row as one text (empty string if it has neither)."""
+    parts = []
+    if _present(row.get("title")):
+        parts.append(str(row["title"]).strip())
+    attrs = row.get("attributes")
+    if isinstance(attrs, Mapping) and attrs:
+        parts.append("; ".join(f"{k}: {v}" for k, v in sorted(attrs.items()) if _present(v)))
+    return "\n".join(p for p in parts if p)
+
+
+def _image(uri: Any, root: str | Path | None, where: str) -> Image.Image | None:
+    if not _present(uri):
+        return None
+    try:
+        return load_image(str(uri), root)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{where}: cannot load image {uri!r}: {err}") from err
+
+
+def product_item(row: Mapping[str, Any], root: str | Path | None, load_images: bool = True) -> Item:
+    """Item of a ``products`` row; images are read relative to the dataset folder ``root``.
+
+    Raises:
+        ValueError: the row has neither image nor text, or its image cannot be read (message names the id).
+    """
+    where = f"product {row.get('product_id')!r}"
+    text = product_text(row) or None
+    image = _image(row.get("image"), root, where) if load_images else None
+    if text is None and not _present(row.get("image")):
+        raise ValueError(f"{where}: has neither an image nor a title/attributes")
+    return {"image": image, "text": text}
+
+
+def query_item(row: Mapping[str, Any], root: str | Path | None, load_images: bool = True) -> Item:
+    """Item of a ``queries`` row (text, image or both).
+
+    Raises:
+        ValueError: the row has neither ``query_text`` nor ``query_image``, or its image cannot be read.
+    """
+    where = f"query {row.get('query_id')!r}"
+    text = str(row["query_text"]).strip() if _present(row.get("query_text")) else None
+    image = _image(row.get("query_image"), root, where) if load_images else None
+    if text is None and not _present(row.get("query_image")):
+        raise ValueError(f"{where}: has neither query_text nor query_image")
+    return {"image": image, "text": text}
+
+
+def check_items(items: list[Item]) -> None:
+    """Raise ``ValueError`` naming the first item index that has neither an image nor a text."""
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise ValueError(f"item {i}: expected a dict with 'image' and/or 'text', got {type(item).__name__}")
+        image, text = item.get("image"), item.get("text")
+        if image is not None and not isinstance(image, Image.Image):
+            raise ValueError(f"item {i}: 'image' must be a PIL image, got {type(image).__name__}")
+        if image is None and not _present(text):
+            raise ValueError(f"item {i}: has neither an image nor a text")
+
+
+def catalog_texts(root: str | Path) -> list[str]:
+    """Training-split product texts and query texts of a dataset folder: the tiny tokenizer's corpus.
+
+    Only the train split, so the tokenizer of a model evaluated on this dataset never saw evaluation text.
+    """
+    from moon3.data.schema import PRODUCTS, QUERIES, read_table, table_path
+
+    texts: list[str] = []
+    products = table_path(root, PRODUCTS)
+    if products.exists():
+        df = read_table(products, PRODUCTS)
+        df = df[df["split"] != "eval"]
+        texts += [t for t in (product_text(r) for r in df.to_dict("records")) if t]
+    queries = table_path(root, QUERIES)
+    if queries.exists():
+        df = read_table(queries, QUERIES)
+        df = df[df["split"] != "eval"]
+        texts += [str(t) for t in df["query_text"] if _present(t)]
+    return texts
