@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+# The attribute types of mbe3-mini (moon3.data.mini.ATTRIBUTE_TYPES); importers of other catalogs set their own.
+DEFAULT_ATTRIBUTE_KEYS = ["color", "pattern", "size", "logo", "material", "brand"]
 
 
 @dataclass
@@ -12,13 +16,35 @@ class ValidationConfig:
     in_dir: str = field(default="data/prepared", metadata={"help": "Dataset to validate."})
     out_dir: str = field(default="data/validated", metadata={"help": "Accepted rows are written here."})
     quarantine_dir: str = field(default="data/quarantine", metadata={"help": "Rejected rows with reasons."})
-    report_dir: str = field(
-        default="reports/validation", metadata={"help": "GX results, HTML report, metrics."}
-    )
+    report_dir: str = field(default="reports/validation", metadata={"help": "GX results, HTML report, metrics."})
     max_reject_fraction: float = field(
-        default=0.02,
-        metadata={"help": "Gate fails when more than this fraction of any table is quarantined."},
+        default=0.02, metadata={"help": "Gate fails when more than this fraction of any table is quarantined."}
     )
     check_images: bool = field(
-        default=True, metadata={"help": "Open and decode every image (slow at scale)."}
+        default=True,
+        metadata={"help": "Read, hash and decode every distinct image; false: only check that the file exists."},
     )
+    allowed_attribute_keys: list[str] = field(
+        default_factory=lambda: list(DEFAULT_ATTRIBUTE_KEYS),
+        metadata={"help": "Attribute types a product may carry; any other key quarantines the row."},
+    )
+    max_category_depth: int = field(default=5, metadata={"help": "Category paths must have 1..N levels."})
+    max_price: float = field(
+        default=1.0e9, metadata={"help": "Prices must be in (0, max_price] where present (catches inf/units)."}
+    )
+    near_duplicates: Literal["flag", "quarantine"] = field(
+        default="flag",
+        metadata={
+            "help": "Products with the same normalised title and image bytes: flag (report only) or "
+            "quarantine every copy after the first."
+        },
+    )
+    image_root: str = field(
+        default="",
+        metadata={
+            "help": "Prefix for image paths in the accepted tables: '' = relative to out_dir (local, DVC), "
+            "or the input dataset's URI (e.g. gs://... of a KFP artifact) so paths resolve anywhere."
+        },
+    )
+    image_workers: int = field(default=4, metadata={"help": "Threads that read and decode images."})
+    examples_per_failure: int = field(default=5, metadata={"help": "Example ids kept per failed expectation."})

@@ -1,0 +1,361 @@
+"""What the gate checks, computed in Python (vectorised, on Arrow columns) before Great Expectations runs.
+
+Each table becomes a narrow *check frame*: one row per input row, one column per derived quantity
+(``title_length``, ``image_status``, ``category_depth``, ``n_unknown_attribute_keys``, ``positive_status``...).
+Each :class:`Check` pairs a GX expectation on one of those columns with the same rule as a numpy mask, so the
+gate quarantines exactly the rows GX reports as unexpected (the gate cross-checks the two counts).
+
+Levels: ``row`` rules quarantine the offending rows; ``table`` rules (schema, uniqueness, leakage, the reject
+fraction) fail the gate; ``info`` rules are only reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from moon3.data.schema import QUERY_TYPES, SCHEMAS, SPLITS
+from moon3.validation.config import ValidationConfig
+from moon3.validation.images import MISSING, OK, UNDECODABLE, ImageCheck
+
+ROW, TABLE, INFO = "row", "table", "info"
+NULL = "<null>"  # stands in for a null categorical value: GX column-map expectations skip nulls, the gate must not
+IMAGE_STATES = [OK, MISSING, UNDECODABLE]
+QUERY_IMAGE_STATES = ["none", OK, MISSING, UNDECODABLE]
+# query_type:inputs present. A categorical column of these strings keeps GX vectorised (its column-pair
+# expectations loop in Python: 140 s on 1M rows).
+TYPE_INPUTS = ["text:text", "image:image", "multimodal:text+image"]
+_KV = pa.list_(pa.struct([("key", pa.string()), ("value", pa.string())]))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One rule: a GX expectation on a check-frame column plus the same rule as a row mask.
+
+    Attributes:
+        name: the rule id; for ``row`` rules also the quarantine reason.
+        level: ``row`` (quarantine), ``table`` (fails the gate) or ``info`` (reported only).
+        column: the check-frame column the expectation reads.
+        description: one line for reports.
+        expectation: ``(gx.expectations module) -> Expectation``; called only once GX is imported.
+        bad: ``(check frame) -> bool array`` of offending rows; ``None`` for aggregate rules.
+    """
+
+    name: str
+    level: str
+    column: str
+    description: str
+    expectation: Callable[[Any], Any]
+    bad: Callable[[pd.DataFrame], np.ndarray] | None = None
+
+
+# --- reading and schema ---------------------------------------------------------------------------------------
+
+
+def read_checked(path: str | Path, table: str) -> tuple[pa.Table | None, list[str], list[str]]:
+    """Read a parquet table with Arrow and compare it with the table's schema.
+
+    Unlike :func:`moon3.data.schema.read_table` this keeps Arrow columns (the checks are vectorised on them and
+    a 1M-row table converts to pandas dicts in ~12 s) and reports every schema problem, not only the first.
+
+    Returns:
+        ``(table in schema column order, or None on a schema error; errors naming file and column;
+        extra columns that are not part of the schema and will be dropped)``.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None, [f"{path}: file not found"], []
+    try:
+        arrow = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        return None, [f"{path}: not a readable parquet file: {err}"], []
+    schema = SCHEMAS[table]
+    errors = []
+    for f in schema:
+        if f.name not in arrow.schema.names:
+            errors.append(f"{path}: missing column '{f.name}' ({f.type})")
+            continue
+        got = arrow.schema.field(f.name).type
+        if not got.equals(f.type) and not pa.types.is_null(got):
+            errors.append(f"{path}: column '{f.name}' has type {got}, expected {f.type}")
+    extra = [name for name in arrow.schema.names if name not in schema.names]
+    if errors:
+        return None, errors, extra
+    columns = [_column(arrow, f.name).cast(f.type) for f in schema]  # null-typed (all-null) columns -> schema type
+    return pa.Table.from_arrays(columns, schema=schema), [], extra
+
+
+def _column(table: pa.Table, name: str) -> pa.Array:
+    col = table.column(name)
+    return pa.concat_arrays(col.chunks) if col.num_chunks else pa.array([], type=col.type)
+
+
+def _strings(arr: pa.Array) -> np.ndarray:
+    return np.asarray(arr.to_pandas(), dtype=object) if len(arr) else np.array([], dtype=object)
+
+
+def _stripped_length(arr: pa.Array) -> np.ndarray:
+    return pc.utf8_length(pc.utf8_trim_whitespace(arr)).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _per_row(parents: pa.Array, flags: pa.Array, n: int) -> np.ndarray:
+    """Count ``flags`` per parent row (flags belong to flattened list elements)."""
+    idx = parents.to_numpy(zero_copy_only=False)[flags.fill_null(True).to_numpy(zero_copy_only=False)]
+    return np.bincount(idx, minlength=n).astype(np.int64)
+
+
+def _categorical(values: np.ndarray, categories: list[str]) -> pd.Categorical:
+    return pd.Categorical(values, categories=categories)
+
+
+def _pairs(a: pd.Categorical, b: pd.Categorical) -> pd.Categorical:
+    """``"a:b"`` labels of two categoricals, built from their codes (no per-row string work)."""
+    names = [f"{x}:{y}" for x in a.categories for y in b.categories]
+    return pd.Categorical.from_codes(a.codes * len(b.categories) + b.codes, categories=names)
+
+
+def _labels(arr: pa.Array) -> pd.Categorical:
+    """A low-cardinality string column as a pandas categorical; nulls become ``<null>`` so GX sees them."""
+    encoded = pc.dictionary_encode(pc.fill_null(arr, NULL))
+    return pd.Categorical.from_codes(encoded.indices.to_numpy(zero_copy_only=False),
+                                     categories=encoded.dictionary.to_pylist())  # fmt: skip
+
+
+def _image_columns(arr: pa.Array, images: dict[str | None, ImageCheck], states: list[str], none_state: str):
+    """Row-wise image status (categorical) and digest code (-1: no digest) from the per-path results."""
+    encoded = pc.dictionary_encode(arr)
+    paths = encoded.dictionary.to_pylist()
+    codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    state_of_path = np.array([states.index(images[p].status) for p in paths] + [states.index(none_state)])
+    digests = pd.Series([images[p].digest or None for p in paths], dtype=object)
+    digest_code_of_path, _ = pd.factorize(digests, use_na_sentinel=True)
+    digest_code_of_path = np.append(digest_code_of_path, -1)
+    status = pd.Categorical.from_codes(state_of_path[codes], categories=states)
+    return status, digest_code_of_path[codes]
+
+
+# --- products ---------------------------------------------------------------------------------------------
+
+
+def product_frame(products: pa.Table, images: dict[str | None, ImageCheck], cfg: ValidationConfig) -> pd.DataFrame:
+    """The products check frame (one row per product, same order)."""
+    n = products.num_rows
+    ids = _column(products, "product_id")
+    title = _column(products, "title")
+    image_status, digest_code = _image_columns(_column(products, "image"), images, IMAGE_STATES, MISSING)
+
+    path = _column(products, "category_path")
+    levels = pc.list_flatten(path)
+    empty_level = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(levels)), 0)
+
+    attrs = _column(products, "attributes").cast(_KV)  # map kernels are missing in Arrow; list<struct> has them
+    pairs = pc.list_flatten(attrs)
+    attr_parents = pc.list_parent_indices(attrs)
+    unknown_key = pc.invert(
+        pc.is_in(pc.struct_field(pairs, 0), value_set=pa.array(cfg.allowed_attribute_keys, type=pa.string()))
+    )
+    empty_value = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.struct_field(pairs, 1))), 0)
+
+    frame = pd.DataFrame(
+        {
+            "product_id": _strings(ids),
+            "product_id_length": _stripped_length(ids),
+            "title_length": _stripped_length(title),
+            "image_status": image_status,
+            "category_depth": pc.list_value_length(path).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64),
+            "n_empty_category_levels": _per_row(pc.list_parent_indices(path), empty_level, n),
+            "n_unknown_attribute_keys": _per_row(attr_parents, unknown_key, n),
+            "n_empty_attribute_values": _per_row(attr_parents, empty_value, n),
+            "price": _column(products, "price").to_numpy(zero_copy_only=False).astype(np.float64),
+            "split": _labels(_column(products, "split")),
+        }
+    )
+    frame["near_duplicate_of"] = _near_duplicates(title, digest_code, frame["product_id"].to_numpy())
+    return frame
+
+
+def _near_duplicates(title: pa.Array, digest_code: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Id of the first product with the same normalised title and image bytes; None for first copies."""
+    n = len(ids)
+    out = np.full(n, None, dtype=object)
+    # Only rows whose image bytes occur more than once can be near-duplicates: normalise just those titles
+    # (the regex costs ~3 s per 1M titles; most real catalogs have few shared images).
+    shared = (digest_code >= 0) & (np.bincount(digest_code + 1, minlength=1)[digest_code + 1] > 1)
+    rows = np.flatnonzero(shared)
+    if len(rows) == 0:
+        return out
+    # Punctuation, symbols and whitespace collapse to one space (Unicode classes: CJK titles keep their words).
+    norm = pc.utf8_lower(title.take(pa.array(rows)))
+    norm = pc.utf8_trim_whitespace(pc.replace_substring_regex(norm, r"[\s\p{P}\p{S}]+", " "))
+    title_code = pc.dictionary_encode(norm).indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    eligible = (title_code >= 0) & (pc.utf8_length(norm).fill_null(0).to_numpy(zero_copy_only=False) > 0)
+    digest = digest_code[rows]
+    codes, _ = pd.factorize(title_code * (int(digest.max()) + 1) + digest)
+    _, first = np.unique(codes, return_index=True)
+    first_of_row = first[codes]
+    dup = eligible & (first_of_row != np.arange(len(rows)))
+    out[rows[dup]] = ids[rows[first_of_row[dup]]]
+    return out
+
+
+def product_checks(cfg: ValidationConfig) -> list[Check]:
+    """The products suite, in report order."""
+    near_level = ROW if cfg.near_duplicates == "quarantine" else INFO
+    return [
+        Check("missing_product_id", ROW, "product_id_length", "product_id is null or blank",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="product_id_length", min_value=1),
+              lambda f: f["product_id_length"].to_numpy() < 1),
+        Check("missing_title", ROW, "title_length", "title is null or blank",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="title_length", min_value=1),
+              lambda f: f["title_length"].to_numpy() < 1),
+        Check("image_missing", ROW, "image_status", "image path is null or the file does not exist",
+              lambda E: E.ExpectColumnValuesToNotBeInSet(column="image_status", value_set=[MISSING]),
+              lambda f: (f["image_status"] == MISSING).to_numpy()),
+        Check("image_undecodable", ROW, "image_status", "image file exists but does not decode",
+              lambda E: E.ExpectColumnValuesToNotBeInSet(column="image_status", value_set=[UNDECODABLE]),
+              lambda f: (f["image_status"] == UNDECODABLE).to_numpy()),
+        Check("category_depth", ROW, "category_depth", f"category_path has 1..{cfg.max_category_depth} levels",
+              lambda E: E.ExpectColumnValuesToBeBetween(
+                  column="category_depth", min_value=1, max_value=cfg.max_category_depth),
+              lambda f: ~np.isin(f["category_depth"].to_numpy(), np.arange(1, cfg.max_category_depth + 1))),
+        Check("empty_category_level", ROW, "n_empty_category_levels", "a category level is null or blank",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="n_empty_category_levels", max_value=0),
+              lambda f: f["n_empty_category_levels"].to_numpy() > 0),
+        Check("unknown_attribute_key", ROW, "n_unknown_attribute_keys",
+              f"attribute keys are in {cfg.allowed_attribute_keys}",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="n_unknown_attribute_keys", max_value=0),
+              lambda f: f["n_unknown_attribute_keys"].to_numpy() > 0),
+        Check("empty_attribute_value", ROW, "n_empty_attribute_values", "an attribute value is null or blank",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="n_empty_attribute_values", max_value=0),
+              lambda f: f["n_empty_attribute_values"].to_numpy() > 0),
+        Check("bad_price", ROW, "price", f"price is in (0, {cfg.max_price:g}] where present",
+              lambda E: E.ExpectColumnValuesToBeBetween(
+                  column="price", min_value=0, strict_min=True, max_value=cfg.max_price),
+              lambda f: _bad_price(f["price"].to_numpy(), cfg.max_price)),
+        Check("bad_split", ROW, "split", f"split is one of {list(SPLITS)}",
+              lambda E: E.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+              lambda f: ~f["split"].isin(SPLITS).to_numpy()),
+        Check("near_duplicate", near_level, "near_duplicate_of",
+              "no earlier product has the same normalised title and image bytes",
+              lambda E: E.ExpectColumnValuesToBeNull(column="near_duplicate_of"),
+              lambda f: f["near_duplicate_of"].notna().to_numpy()),
+        Check("duplicate_product_id", TABLE, "product_id", "product_id is unique",
+              lambda E: E.ExpectColumnValuesToBeUnique(column="product_id"),
+              lambda f: (f["product_id"].duplicated(keep=False) & f["product_id"].notna()).to_numpy()),
+        *_table_checks(cfg),
+    ]  # fmt: skip
+
+
+def _bad_price(price: np.ndarray, max_price: float) -> np.ndarray:
+    with np.errstate(invalid="ignore"):
+        return ~np.isnan(price) & ~((price > 0) & (price <= max_price))
+
+
+def _table_checks(cfg: ValidationConfig) -> list[Check]:
+    return [
+        Check("empty_table", TABLE, "", "the table has at least one row",
+              lambda E: E.ExpectTableRowCountToBeBetween(min_value=1)),
+        Check("reject_fraction", TABLE, "quarantined",
+              f"at most {cfg.max_reject_fraction:.2%} of the rows are quarantined",
+              lambda E: E.ExpectColumnMeanToBeBetween(
+                  column="quarantined", min_value=0, max_value=cfg.max_reject_fraction)),
+    ]  # fmt: skip
+
+
+# --- queries ----------------------------------------------------------------------------------------------
+
+
+def query_frame(
+    queries: pa.Table,
+    products: pa.Table,
+    product_quarantined: np.ndarray,
+    images: dict[str | None, ImageCheck],
+) -> pd.DataFrame:
+    """The queries check frame; ``products`` (the table) and its quarantine mask resolve positive products."""
+    ids = _column(queries, "query_id")
+    qtype = pc.fill_null(_column(queries, "query_type"), NULL)
+    has_text = _stripped_length(_column(queries, "query_text")) > 0
+    image = _column(queries, "query_image")
+    has_image = _stripped_length(image) > 0
+    image_status, _ = _image_columns(image, images, QUERY_IMAGE_STATES, "none")
+    image_status = np.where(has_image, np.asarray(image_status, dtype=object), "none")
+    inputs = np.select([has_text & has_image, has_text, has_image], ["text+image", "text", "image"], "none")
+
+    # index_in returns the first match, so repeated product ids (already a gate failure) resolve to the first.
+    pos = pc.index_in(_column(queries, "positive_product_id"), value_set=_column(products, "product_id"),
+                      skip_nulls=True).fill_null(-1).to_numpy(zero_copy_only=False)  # fmt: skip
+    found = pos >= 0
+    at = np.maximum(pos, 0)
+    positive_quarantined = found & product_quarantined[at] if len(product_quarantined) else found
+    positive_status = np.select([~found, positive_quarantined], [MISSING, "quarantined"], OK)
+
+    split = _labels(_column(queries, "split"))
+    product_split = np.asarray(_labels(_column(products, "split")), dtype=object)
+    product_split = product_split[at] if len(product_split) else np.full(len(pos), NULL, dtype=object)
+    query_split = np.asarray(split, dtype=object)
+    # Leakage is defined between valid splits only; invalid ones are quarantined by bad_split.
+    comparable = found & np.isin(query_split, SPLITS) & np.isin(product_split, SPLITS)
+    return pd.DataFrame(
+        {
+            "query_id": _strings(ids),
+            "query_id_length": _stripped_length(ids),
+            "query_type": _labels(qtype),
+            "type_and_inputs": _pairs(_labels(qtype), pd.Categorical(inputs)),
+            "query_image_status": _categorical(image_status, QUERY_IMAGE_STATES),
+            "split": split,
+            "positive_status": _categorical(positive_status, [OK, MISSING, "quarantined"]),
+            # Same categories on both sides: GX compares the two columns with ==.
+            "query_split": _categorical(np.where(comparable, query_split, None), list(SPLITS)),
+            "positive_split": _categorical(np.where(comparable, product_split, None), list(SPLITS)),
+        }
+    )
+
+
+def query_checks(cfg: ValidationConfig) -> list[Check]:
+    """The queries suite, in report order."""
+    return [
+        Check("missing_query_id", ROW, "query_id_length", "query_id is null or blank",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="query_id_length", min_value=1),
+              lambda f: f["query_id_length"].to_numpy() < 1),
+        Check("bad_query_type", ROW, "query_type", f"query_type is one of {list(QUERY_TYPES)}",
+              lambda E: E.ExpectColumnValuesToBeInSet(column="query_type", value_set=list(QUERY_TYPES)),
+              lambda f: ~f["query_type"].isin(QUERY_TYPES).to_numpy()),
+        Check("query_inputs_mismatch", ROW, "type_and_inputs",
+              "text queries have text, image queries an image, multimodal both (query_type:inputs)",
+              lambda E: E.ExpectColumnValuesToBeInSet(column="type_and_inputs", value_set=TYPE_INPUTS),
+              lambda f: ~f["type_and_inputs"].isin(TYPE_INPUTS).to_numpy()),
+        Check("query_image_missing", ROW, "query_image_status", "query_image names a file that does not exist",
+              lambda E: E.ExpectColumnValuesToNotBeInSet(column="query_image_status", value_set=[MISSING]),
+              lambda f: (f["query_image_status"] == MISSING).to_numpy()),
+        Check("query_image_undecodable", ROW, "query_image_status", "query_image exists but does not decode",
+              lambda E: E.ExpectColumnValuesToNotBeInSet(column="query_image_status", value_set=[UNDECODABLE]),
+              lambda f: (f["query_image_status"] == UNDECODABLE).to_numpy()),
+        Check("bad_split", ROW, "split", f"split is one of {list(SPLITS)}",
+              lambda E: E.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+              lambda f: ~f["split"].isin(SPLITS).to_numpy()),
+        Check("positive_product_missing", ROW, "positive_status", "positive_product_id exists in products",
+              lambda E: E.ExpectColumnValuesToNotBeInSet(column="positive_status", value_set=[MISSING]),
+              lambda f: (f["positive_status"] == MISSING).to_numpy()),
+        Check("positive_product_quarantined", ROW, "positive_status",
+              "the positive product passed validation (else the query would dangle)",
+              lambda E: E.ExpectColumnValuesToNotBeInSet(column="positive_status", value_set=["quarantined"]),
+              lambda f: (f["positive_status"] == "quarantined").to_numpy()),
+        Check("duplicate_query_id", TABLE, "query_id", "query_id is unique",
+              lambda E: E.ExpectColumnValuesToBeUnique(column="query_id"),
+              lambda f: (f["query_id"].duplicated(keep=False) & f["query_id"].notna()).to_numpy()),
+        Check("split_leakage", TABLE, "query_split",
+              "a query and its positive product are in the same split (no eval product in a training pair)",
+              lambda E: E.ExpectColumnPairValuesToBeEqual(
+                  column_A="query_split", column_B="positive_split", ignore_row_if="either_value_is_missing"),
+              lambda f: (f["query_split"].notna() & f["positive_split"].notna()
+                         & (f["query_split"] != f["positive_split"])).to_numpy()),
+        *_table_checks(cfg),
+    ]  # fmt: skip
