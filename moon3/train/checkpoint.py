@@ -83,7 +83,7 @@ def save_checkpoint(
         _fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _prune(root, keep)
+        prune_checkpoints(root, keep)
     _barrier(world_size)
     return final
 
@@ -106,7 +106,8 @@ def load_checkpoint(
     return json.loads((path / "state.json").read_text())
 
 
-def _prune(root: str | Path, keep: int) -> None:
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints."""
     folder = Path(root) / "checkpoints"
     steps = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)))
     for _, old in steps[:-keep] if keep > 0 else []:

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moon3.config import Moon3Config
-from moon3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moon3.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from moon3.train.data import HardNegativeSampler, PairBatch, PairData
 from moon3.train.heldout import heldout_text_recall
 from moon3.train.loss import LearnableTemperature, contrastive_loss, gather_no_grad, gather_with_grad
@@ -363,6 +363,7 @@ def _save(out, step, model, optimizer, scheduler, engine, dist: DistInfo, run_id
 
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        prune_checkpoints(out, keep=2)
     torch.distributed.barrier()
 
 

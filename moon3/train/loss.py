@@ -16,10 +16,11 @@ class LearnableTemperature(nn.Module):
 
     def __init__(self, init: float = 0.05):
         super().__init__()
-        self.log_tau = nn.Parameter(torch.tensor(math.log(init)))
+        # Shape (1,), not a 0-dim scalar: DeepSpeed's CPU broadcast cannot view a 0-dim tensor as bytes.
+        self.log_tau = nn.Parameter(torch.tensor([math.log(init)]))
 
     def forward(self) -> torch.Tensor:
-        return self.log_tau.exp().clamp(TAU_MIN, TAU_MAX)
+        return self.log_tau.exp().clamp(TAU_MIN, TAU_MAX)[0]
 
 
 def is_distributed() -> bool:
