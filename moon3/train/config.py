@@ -26,7 +26,10 @@ class TrainConfig:
     save_every: int = field(default=100, metadata={"help": "Checkpoint every N steps."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling and initialisation."})
     num_workers: int = field(
-        default=0, metadata={"help": "DataLoader workers building batches ahead (0: in the training process)."}
+        default=1, metadata={"help": "DataLoader workers building batches ahead (0: in the training process)."}
+    )
+    torch_threads: int = field(
+        default=0, metadata={"help": "CPU intra-op threads; 0 = cores per process minus num_workers (CPU only)."}
     )
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on a bf16 GPU, else fp32) | fp32 | bf16."})
     heldout_queries: int = field(

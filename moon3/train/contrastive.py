@@ -197,6 +197,7 @@ def train_contrastive(
     reports = Path(report_dir or tc.report_dir)
     use_ds = bool(tc.deepspeed_config)
     dist = setup_distributed(use_ds)
+    _set_cpu_threads(tc, dist)
     torch.manual_seed(tc.seed + dist.rank)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -329,6 +330,17 @@ def train_contrastive(
         tracker.log_model_dir(final)
     tracker.close()
     return summary
+
+
+def _set_cpu_threads(tc, dist: DistInfo) -> None:
+    """On CPU, leave one core per data worker: OpenMP threads spin-wait and starve the Python batch builder."""
+    if dist.device.type != "cpu":
+        return
+    threads = tc.torch_threads
+    if threads <= 0:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_ranks) - tc.num_workers)
+    torch.set_num_threads(threads)
 
 
 def _single_threaded_worker(_: int) -> None:
