@@ -1,0 +1,47 @@
+"""KFP component ``evaluate``: MBE3.0-style tasks for the trained and the untrained model, with the report."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
+
+from moon3.pipelines.params import default_image
+
+
+@dsl.component(base_image=default_image(), install_kfp_package=False)
+def evaluate(
+    params: dict,
+    overrides: list,
+    dataset: Input[Dataset],
+    model: Input[Model],
+    init_model: Input[Model],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    report: Output[HTML],
+    summary: Output[Markdown],
+    details: Output[Artifact],
+):
+    """Evaluate ``model`` against its untrained starting point on the eval split of ``dataset``.
+
+    Args:
+        params: stage sections of ``params.yaml`` (the pipeline's ``params``).
+        overrides: ``section.key=value`` strings applied on top.
+        dataset: the validated dataset.
+        model: the trained embedder.
+        init_model: the untrained embedder (baseline).
+        metrics: every metric as ``variant/kind/task/metric``.
+        confusion: level-1 category confusion matrix of the trained model (zero-shot classification).
+        report: the HTML report with tables and plots (KFP UI visualization).
+        summary: the same as Markdown.
+        details: ``metrics.json``, ``results.json``, plots and their data.
+    """
+    import shutil
+
+    from moon3.pipelines.steps import evaluate_step
+
+    out = evaluate_step(params, overrides, dataset.path, model.path, init_model.path, details.path)
+    for name, value in out["metrics"].items():
+        metrics.log_metric(name, value)
+    if out["confusion"] is not None:
+        labels, matrix = out["confusion"]
+        confusion.log_confusion_matrix(labels, matrix)
+    shutil.copyfile(out["html"], report.path)
+    shutil.copyfile(out["markdown"], summary.path)

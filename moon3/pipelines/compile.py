@@ -1,0 +1,97 @@
+"""Compile the Kubeflow pipelines of this repo to versioned YAML (``moon3 pipeline compile``).
+
+Pipeline definitions live in ``pipelines/*.py`` of the checkout (each exposes ``build_pipeline(cfg, version)``)
+and the components in ``components/<stage>/component.py``; both are loaded by file path, so compiling needs a
+checkout, while the image that runs them only needs the installed package.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from moon3.config import Moon3Config
+
+REPO = Path(__file__).resolve().parents[2]
+PIPELINES_DIR = REPO / "pipelines"
+COMPILED_DIR = PIPELINES_DIR / "compiled"
+TRAINING_PIPELINE = PIPELINES_DIR / "training_pipeline.py"
+
+
+def package_version() -> str:
+    """The installed ``moon3`` version (``pyproject.toml``)."""
+    try:
+        return importlib.metadata.version("moon3")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def git_short_sha(repo: Path = REPO) -> str | None:
+    """``git rev-parse --short HEAD`` of ``repo``, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def pipeline_version(repo: Path = REPO) -> str:
+    """``<package version>+g<git short sha>`` (a PEP 440 local version), or the package version alone."""
+    sha = git_short_sha(repo)
+    return f"{package_version()}+g{sha}" if sha else package_version()
+
+
+def load_module(path: str | Path) -> ModuleType:
+    """Import a Python file of the checkout (a component or a pipeline definition) by its path."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such pipeline or component file")
+    name = "moon3_kfp_" + "_".join(path.relative_to(REPO).with_suffix("").parts) if path.is_relative_to(REPO) \
+        else f"moon3_kfp_{path.stem}"  # fmt: skip
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # inspect.getsource (which KFP uses) needs the module registered
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_component(stage: str) -> ModuleType:
+    """The module ``components/<stage>/component.py``."""
+    return load_module(REPO / "components" / stage / "component.py")
+
+
+def pipeline_files() -> list[Path]:
+    """Every pipeline definition: ``pipelines/*.py`` that defines ``build_pipeline``."""
+    return sorted(p for p in PIPELINES_DIR.glob("*.py") if "def build_pipeline(" in p.read_text())
+
+
+def compile_pipeline(
+    cfg: Moon3Config,
+    out_path: str | Path | None = None,
+    pipeline_file: str | Path = TRAINING_PIPELINE,
+    version: str | None = None,
+) -> Path:
+    """Compile one pipeline with ``cfg`` (placement, image) and its version; return the YAML path.
+
+    Args:
+        cfg: the whole config; ``pipeline`` is fixed in the YAML, the stage sections become the ``params``
+            default.
+        out_path: default ``pipelines/compiled/<pipeline.name>.yaml``.
+        pipeline_file: a ``pipelines/*.py`` file with ``build_pipeline(cfg, version)``.
+        version: default :func:`pipeline_version`.
+    """
+    from kfp import compiler
+
+    module = load_module(pipeline_file)
+    func = module.build_pipeline(cfg, version or pipeline_version())
+    out = Path(out_path) if out_path else COMPILED_DIR / f"{cfg.pipeline.name}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(func, str(out))
+    return out

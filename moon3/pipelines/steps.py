@@ -1,0 +1,246 @@
+"""What each KFP component does, as plain functions over folders (the components only move artifacts).
+
+Every step rebuilds the checked config from the pipeline's ``params`` + ``overrides``
+(:func:`moon3.pipelines.params.config_from_params`), points the stage's folders at the artifact paths KFP gives
+it, calls the same library function as the CLI and DVC, and returns plain numbers for KFP ``Metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moon3.pipelines.params import config_from_params
+
+
+def flat_numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Finite numbers of a nested dict under ``a/b/c`` names (booleans, strings and lists are left out).
+
+    Same names as ``moon3.eval.report.flatten_metrics``, without importing the evaluation stack (faiss) into
+    the data steps.
+    """
+    flat: dict[str, float] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_numbers(value, f"{name}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            flat[name] = float(value)
+    return flat
+
+
+def prepare_step(params: dict, overrides: list, out_dir: str) -> dict[str, float]:
+    """Make or import the dataset into ``out_dir``; return its counts."""
+    from moon3.data.prepare import prepare
+
+    cfg = config_from_params(params, overrides)
+    cfg.data.out_dir = out_dir
+    stats = prepare(cfg.data, progress=False)
+    counts = {k: stats[k] for k in ("products", "queries", "query_types")}
+    counts["category_level1"] = {"n": len(stats["category_level1"])}
+    counts["bytes_on_disk"] = stats["bytes_on_disk"]
+    return flat_numbers(counts)
+
+
+def _input_root(path: str, uri: str) -> str:
+    """Where downstream pods find the input dataset's images: its ``gs://`` URI, else its local path."""
+    return uri if uri.startswith("gs://") else str(Path(path).resolve())
+
+
+def validate_step(
+    params: dict, overrides: list, in_dir: str, in_uri: str, out_dir: str, quarantine_dir: str, report_dir: str
+) -> dict[str, Any]:
+    """Run the validation gate on ``in_dir``.
+
+    Image paths in the accepted tables are rebased onto the input artifact (``validation.image_root``), so the
+    accepted dataset stays small (no image copy) and resolves in any later pod.
+
+    Returns:
+        ``passed``, ``metrics`` (flat numbers), ``summary`` (one line per blocking failure, or ``passed``) and
+        ``html`` (path of the report).
+    """
+    from moon3.validation.gate import validate
+
+    cfg = config_from_params(params, overrides)
+    if not cfg.validation.image_root:
+        cfg.validation.image_root = _input_root(in_dir, in_uri)
+    result = validate(cfg.validation, in_dir=in_dir, out_dir=out_dir, quarantine_dir=quarantine_dir,
+                      report_dir=report_dir, progress=False)  # fmt: skip
+    lines = [f"{f.table}: {f.check} ({f.count}): {f.message or f.expectation}" for f in result.failures if f.blocking]
+    return {
+        "passed": bool(result.passed),
+        "metrics": flat_numbers(result.metrics),
+        "summary": "passed" if result.passed else "validation gate failed: " + "; ".join(lines),
+        "html": str(result.paths.get("html_report", Path(report_dir) / "validation_report.html")),
+    }
+
+
+def _copy_model(src: Path, dest: str) -> None:
+    if not src.is_dir():
+        raise FileNotFoundError(f"training wrote no model folder {src}")
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+
+
+def write_params(cfg: Any, path: Path) -> Path:
+    """Write a resolved config as a ``params.yaml`` the CLI reads back unchanged."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
+
+
+def work_folder(scratch_dir: str, run_id: str) -> Path:
+    """This run's folder on the scratch volume (stable across pod retries, so training resumes), else a temp."""
+    if scratch_dir:
+        folder = Path(scratch_dir) / (run_id or "run")
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    return Path(tempfile.mkdtemp(prefix="moon3-pretrain-"))
+
+
+def pretrain_step(
+    params: dict,
+    overrides: list,
+    data_dir: str,
+    model_dir: str,
+    init_dir: str,
+    num_processes: int = 1,
+    accelerate_config: str = "",
+    deepspeed_config: str = "",
+    scratch_dir: str = "",
+    run_id: str = "",
+) -> dict[str, float]:
+    """Contrastive pretraining; the trained model goes to ``model_dir``, the untrained one to ``init_dir``.
+
+    One process trains in this process. More run ``accelerate launch`` (one process per GPU) over the
+    training CLI with the DeepSpeed config; checkpoints stay on ``scratch_dir`` (a PVC), so a retried pod
+    resumes instead of starting over.
+
+    Returns:
+        The training summary (final loss, temperature, pairs/s, steps, world size).
+    """
+    from moon3.pipelines.launch import accelerate_command, infra_path, train_args
+
+    cfg = config_from_params(params, overrides)
+    work = work_folder(scratch_dir, run_id)
+    out, reports = work / "pretrain", work / "reports"
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlruns.db'}")
+    if num_processes > 1:
+        cfg.train.deepspeed_config = str(infra_path(deepspeed_config))
+        args = train_args(write_params(cfg, work / "params.yaml"), data_dir, out, reports)
+        cmd = accelerate_command(num_processes, infra_path(accelerate_config), cfg.train.deepspeed_config, args)
+        print("running:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, env=env)
+        summary = json.loads((reports / "train_metrics.json").read_text())
+    else:
+        from moon3.train.contrastive import train_contrastive
+
+        os.environ.setdefault("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+        summary = train_contrastive(cfg, data_dir, out_dir=out, report_dir=reports, resume=True, progress=False)
+    _copy_model(out / "final", model_dir)
+    _copy_model(out / "init", init_dir)
+    return {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def pretrain_trainjob_step(
+    params: dict,
+    overrides: list,
+    pipeline: dict,
+    data_dir: str,
+    model_dir: str,
+    init_dir: str,
+    claim_name: str,
+    run_id: str,
+    api: Any = None,
+) -> dict[str, float]:
+    """Multi-node pretraining as a Kubeflow Trainer TrainJob on the shared claim mounted at ``pvc_mount_path``.
+
+    Copies the dataset tables and the config to ``<mount>/<run_id>``, submits the TrainJob, waits, and copies
+    the model back. Images are read where the tables point (``gs://`` in a cluster), not copied.
+    """
+    from moon3.pipelines.launch import infra_path, torchrun_command, train_args
+    from moon3.pipelines.trainjob import (
+        apply_trainjob,
+        build_trainjob,
+        current_namespace,
+        trainjob_name,
+        wait_for_trainjob,
+    )
+
+    pc = config_from_params({"pipeline": pipeline}).pipeline  # a struct too: ints arrive as floats
+    cfg = config_from_params(params, overrides)
+    work = work_folder(pc.pvc_mount_path, run_id)
+    shutil.copytree(data_dir, work / "data", dirs_exist_ok=True)
+    if pc.num_processes * pc.num_nodes > 1:
+        cfg.train.deepspeed_config = str(infra_path(pc.deepspeed_config))
+    args = train_args(write_params(cfg, work / "params.yaml"), work / "data", work / "pretrain", work / "reports")
+    env = {"MLFLOW_TRACKING_URI": pc.mlflow_tracking_uri} if pc.mlflow_tracking_uri else None
+    namespace = pc.trainjob_namespace or current_namespace()
+    manifest = build_trainjob(trainjob_name(run_id), pc, torchrun_command(args), claim_name, namespace, env=env)
+    apply_trainjob(manifest, api)
+    print(f"submitted TrainJob {namespace}/{manifest['metadata']['name']}", flush=True)
+    wait_for_trainjob(manifest["metadata"]["name"], namespace, api, timeout_s=pc.trainjob_timeout_s)
+    _copy_model(work / "pretrain" / "final", model_dir)
+    _copy_model(work / "pretrain" / "init", init_dir)
+    summary = json.loads((work / "reports" / "train_metrics.json").read_text())
+    return {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def read_confusion(out_dir: str | Path, variant: str = "trained") -> tuple[list[str], list[list[int]]] | None:
+    """The level-1 category confusion matrix of ``variant`` from the evaluation's outputs, if it has one.
+
+    Read from ``confusion_level1.json`` (``{"labels", "matrix"}``, top level or per variant) when the evaluation
+    writes it, else from ``results.json`` (``details/<variant>/classification/level_1``: ``labels``,
+    ``confusion``). None when the task was skipped (e.g. too few eval products).
+
+    Raises:
+        ValueError: a matrix whose shape does not match its labels.
+    """
+    out = Path(out_dir)
+    entry: dict[str, Any] = {}
+    if (out / "confusion_level1.json").exists():
+        data = json.loads((out / "confusion_level1.json").read_text())
+        entry = data.get(variant, data)
+    elif (out / "results.json").exists():
+        details = json.loads((out / "results.json").read_text()).get("details", {})
+        entry = details.get(variant, {}).get("classification/level_1") or {}
+    labels, matrix = entry.get("labels"), entry.get("matrix", entry.get("confusion"))
+    if labels is None or matrix is None:
+        return None
+    if len(matrix) != len(labels) or any(len(row) != len(labels) for row in matrix):
+        raise ValueError(f"{out}: level-1 confusion matrix is not {len(labels)}x{len(labels)} like its labels")
+    return [str(x) for x in labels], [[int(v) for v in row] for row in matrix]
+
+
+def evaluate_step(
+    params: dict, overrides: list, data_dir: str, model_dir: str, baseline_dir: str, out_dir: str
+) -> dict:
+    """Evaluate the trained model and its untrained baseline on the eval split of ``data_dir``.
+
+    Runs the evaluation stage as the CLI does (``eval.model_dir`` / ``eval.baseline_dir`` pointed at the model
+    artifacts; ablation folders that are not in this pod are listed as not evaluated).
+
+    Returns:
+        ``metrics`` (flat ``variant/kind/task/metric`` numbers), ``confusion`` (labels, matrix of the trained
+        model, or None), ``html`` and ``markdown`` (report paths).
+    """
+    from moon3.eval.evaluate import run_evaluation
+
+    cfg = config_from_params(params, overrides)
+    cfg.eval.model_dir, cfg.eval.baseline_dir, cfg.eval.out_dir = model_dir, baseline_dir, out_dir
+    run_evaluation(cfg, data_dir, out_dir, progress=False)
+    out = Path(out_dir)
+    return {
+        "metrics": flat_numbers(json.loads((out / "metrics.json").read_text())),
+        "confusion": read_confusion(out),
+        "html": str(out / "report.html"),
+        "markdown": str(out / "report.md"),
+    }
