@@ -9,6 +9,7 @@ fake ``kfp.Client`` that records the calls).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -169,15 +170,32 @@ def test_committed_yaml_matches_params_yaml(tmp_path):
 
 
 def test_params_yaml_change_shows_in_compiled_defaults(tmp_path):
-    """One edit of params.yaml reaches the pipeline's run-time default and its compile-time image.
+    """One edit of params.yaml reaches the pipeline's run-time default, its compile-time image, and DVC.
 
-    (DVC half of this check: `dvc repro` re-runs the stages whose `params:` list holds the edited key.)
+    DVC half: against the committed dvc.lock, `dvc status` reports the edited key as a changed param of
+    `pretrain` (and so `dvc repro` re-runs it and what follows) and of no upstream stage.
     """
     values = yaml.safe_load(PARAMS.read_text())
     values["train"]["steps"] = 1234
     values["pipeline"]["image"] = "registry.example.com/moon3:edited"
     edited = tmp_path / "params.yaml"
     edited.write_text(yaml.safe_dump(values))
+    project = tmp_path / "dvcproj"
+    project.mkdir()
+    for name in ("dvc.yaml", "dvc.lock"):
+        shutil.copy(REPO / name, project / name)
+    shutil.copy(edited, project / "params.yaml")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=project, check=True, env=env)
+    status = subprocess.run([dvc, "status", "--json"], cwd=project, capture_output=True, text=True, env=env)
+    # Stages list whole params.yaml sections, so DVC reports the section: {"params.yaml": {"train": "modified"}}.
+    changed = {
+        stage: [key for e in entries if isinstance(e, dict) for key in e.get("changed deps", {}).get("params.yaml", {})]
+        for stage, entries in json.loads(status.stdout).items()
+    }
+    assert changed["pretrain"] == ["train"], changed
+    assert not changed["prepare"] and not changed["validate"], changed
     docs = compiled(tmp_path, params=edited)
     default = docs[0]["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]
     assert default["train"]["steps"] == 1234
