@@ -13,3 +13,43 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10], metadata={"help": "Recall@K cut-offs."})
     batch_size: int = field(default=32, metadata={"help": "Items per embedding batch."})
     search_batch: int = field(default=4096, metadata={"help": "Queries per exact-search batch."})
+    curve_ks: list[int] = field(
+        default_factory=lambda: [1, 2, 3, 5, 10, 20, 50, 100],
+        metadata={"help": "K values of the Recall@K curves (plots)."},
+    )
+    embed_chunk: int = field(
+        default=256, metadata={"help": "Rows loaded and passed to the embedder per call (bounds image memory)."}
+    )
+    max_queries_per_task: int = field(
+        default=0, metadata={"help": "Cap on queries per query type (seeded sample); 0 = all."}
+    )
+    max_products: int = field(
+        default=0,
+        metadata={"help": "Cap on eval products (seeded sample; queries of dropped products go too); 0 = all."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the product and query samples of the caps above."})
+    class_template: str = field(
+        default="{name}", metadata={"help": "Text embedded for a category in zero-shot classification."}
+    )
+    attribute_template: str = field(
+        default="{type}: {value}", metadata={"help": "Text embedded for an attribute value."}
+    )
+    model_dir: str = field(
+        default="models/pretrain/final", metadata={"help": "The model under evaluation (variant 'trained')."}
+    )
+    baseline_dir: str = field(
+        default="models/pretrain/init", metadata={"help": "Untrained baseline (variant 'untrained'); '' = none."}
+    )
+    reasoning_off: bool = field(
+        default=True, metadata={"help": "Also evaluate the trained model with reasoning off ('reasoning_off')."}
+    )
+    ablation_dirs: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Ablation name -> saved model (e.g. no_fusion: models/abl/no_fusion/final); missing ones "
+            "are listed as not evaluated."
+        },
+    )
+    mlflow_experiment: str = field(
+        default="moon3", metadata={"help": "MLflow experiment for the metrics and the report; '' = no MLflow."}
+    )
