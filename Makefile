@@ -27,6 +27,7 @@ install: $(STAMP)
 run: install
 	$(BIN)/dvc repro
 	$(BIN)/moon3 data stats data/prepared
+	$(BIN)/moon3 summary
 
 test: install
 	$(BIN)/pytest -q tests

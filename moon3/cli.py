@@ -7,6 +7,7 @@ overrides; DVC stages and KFP components call the same library functions with th
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -61,9 +62,7 @@ def data_make_sample(
     params: Path = ParamsOpt,
     overrides: list[str] = SetOpt,
     out_dir: Path = typer.Option(None, help="Output folder (default: data.out_dir)."),
-    scale: int = typer.Option(
-        None, help="N copies of the catalog with resampled text (default: data.scale)."
-    ),
+    scale: int = typer.Option(None, help="N copies of the catalog with resampled text (default: data.scale)."),
     seed: int = typer.Option(None, help="Generator seed (default: data.seed)."),
 ) -> None:
     """Generate the mbe3-mini sample dataset."""
@@ -142,6 +141,266 @@ def _print_stats(stats: dict) -> None:
 
 
 # --- stage commands (validate, embed, train, evaluate, pipeline) are registered below, one block each ---
+
+
+# --- train ---------------------------------------------------------------------------------------------------
+train_app = typer.Typer(help="Training stages.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("contrastive")
+def train_contrastive_cmd(
+    params: Path = ParamsOpt,
+    overrides: list[str] = SetOpt,
+    data_dir: Path = typer.Option(None, help="Validated dataset (default: validation.out_dir)."),
+    out_dir: Path = typer.Option(None, help="Model output folder (default: train.out_dir)."),
+    report_dir: Path = typer.Option(None, help="Metrics and plots folder (default: train.report_dir)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint."),
+) -> None:
+    """Stage A: contrastive pretraining (InfoNCE with hard negatives). Launch with torchrun for several processes."""
+    from moon3.train.contrastive import train_contrastive
+
+    cfg = _config(params, overrides)
+    summary = train_contrastive(
+        cfg,
+        data_dir or Path(cfg.validation.out_dir),
+        out_dir=out_dir,
+        report_dir=report_dir,
+        resume=resume,
+        progress=sys.stderr.isatty(),
+    )
+    if os.environ.get("RANK", "0") == "0":
+        _print_json(summary)
+
+
+# --- embed ---------------------------------------------------------------------------------------------------
+@app.command("embed")
+def embed_cmd(
+    table_path: Path = typer.Argument(..., help="products.parquet or queries.parquet of a dataset folder."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Output: .parquet (id + embedding) or .npy (+ .ids.json)."),
+    params: Path = ParamsOpt,
+    overrides: list[str] = SetOpt,
+    model_dir: str = typer.Option(
+        None, "--model", "-m", help="Saved model folder or gs:// prefix (default: an untrained model from model.*)."
+    ),
+    table: str = typer.Option(None, help="products | queries (default: from the file name)."),
+    batch_size: int = typer.Option(None, help="Items per forward (default: eval.batch_size)."),
+    reasoning: bool = typer.Option(
+        None, "--reasoning/--no-reasoning", help="Write a trace before embedding (default: the model's contract)."
+    ),
+) -> None:
+    """Embed a products or queries table into an embeddings file."""
+    from moon3.model.contract import ContractError
+    from moon3.model.embed import embed_table
+    from moon3.model.embedder import Moon3Embedder
+    from moon3.model.items import catalog_texts
+
+    cfg = _config(params, overrides)
+    table = table or table_path.stem
+    try:
+        if model_dir:
+            model = Moon3Embedder.from_pretrained(model_dir)
+        else:
+            console.print("no --model: embedding with an untrained model built from params.yaml (a baseline)")
+            model = Moon3Embedder.from_config(cfg.model, catalog_texts(table_path.parent))
+        path = embed_table(
+            model,
+            table_path,
+            table,
+            out_path,
+            batch_size=batch_size or cfg.eval.batch_size,
+            reasoning=reasoning,
+            progress=sys.stderr.isatty(),
+        )
+    except (ValueError, FileNotFoundError, ContractError) as err:
+        console.print(f"[red]embed failed:[/red] {err}")
+        raise typer.Exit(1) from None
+    console.print(f"wrote {path}")
+
+
+# --- pipeline (Kubeflow) -------------------------------------------------------------------------------------
+pipeline_app = typer.Typer(help="Compile, upload and run the Kubeflow training pipeline.", no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+HostOpt = typer.Option(..., "--host", help="KFP API server URL, e.g. https://kubeflow.example.com/pipeline.")
+NamespaceOpt = typer.Option(None, "--namespace", help="Kubeflow profile namespace (multi-user clusters).")
+
+
+def _compile(params: Path, overrides: list[str] | None, out: Path | None = None) -> tuple[Moon3Config, Path, str]:
+    from moon3.pipelines.compile import compile_pipeline, pipeline_version
+
+    cfg = _config(params, overrides)
+    version = pipeline_version()
+    try:
+        path = compile_pipeline(cfg, out, version=version)
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]compile failed:[/red] {err}")
+        raise typer.Exit(2) from None
+    console.print(f"compiled {cfg.pipeline.name} {version} -> {path}")
+    return cfg, path, version
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    params: Path = ParamsOpt,
+    overrides: list[str] = SetOpt,
+    out: Path = typer.Option(None, "--out", help="Output YAML (default: pipelines/compiled/<pipeline.name>.yaml)."),
+) -> None:
+    """Compile the training pipeline (version = package version + git short sha, in its metadata)."""
+    _compile(params, overrides, out)
+
+
+@pipeline_app.command("upload")
+def pipeline_upload(
+    host: str = HostOpt,
+    params: Path = ParamsOpt,
+    overrides: list[str] = SetOpt,
+    namespace: str = NamespaceOpt,
+    version_name: str = typer.Option(None, help="Name of the new version (default: the compiled version)."),
+) -> None:
+    """Compile, then upload as a new version of the pipeline (creating the pipeline on its first upload)."""
+    import tempfile
+
+    from moon3.pipelines import client as kfp_client
+
+    # The server keeps the uploaded YAML; compiling to a temp folder leaves the committed file alone.
+    cfg, path, version = _compile(params, overrides, Path(tempfile.mkdtemp()) / "pipeline.yaml")
+    try:
+        result = kfp_client.upload(kfp_client.make_client(host, namespace), path, cfg.pipeline.name,
+                                   version_name or version, description=f"moon3 {version}")  # fmt: skip
+    except ValueError as err:
+        console.print(f"[red]upload failed:[/red] {err}")
+        raise typer.Exit(1) from None
+    _print_json(vars(result))
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    host: str = HostOpt,
+    params: Path = ParamsOpt,
+    overrides: list[str] = SetOpt,
+    namespace: str = NamespaceOpt,
+    dataset_uri: str = typer.Option("", help="Import this dataset folder URI instead of running prepare."),
+    experiment: str = typer.Option("moon3", help="KFP experiment (created if missing)."),
+    run_name: str = typer.Option(None, help="Run name (default: the pipeline name)."),
+    package: Path = typer.Option(None, help="Run this compiled YAML instead of the latest uploaded version."),
+) -> None:
+    """Start a run with this params file as `params` and the --set values as `overrides`."""
+    from moon3.pipelines import client as kfp_client
+    from moon3.pipelines.params import pipeline_params
+
+    compile_time = [o for o in overrides or [] if o.strip().startswith("pipeline.")]
+    if compile_time:
+        console.print(f"[red]run:[/red] {compile_time[0]} is fixed at compile time: use `moon3 pipeline upload`")
+        raise typer.Exit(2)
+    cfg = _config(params, overrides)  # checks every key before anything reaches the server
+    arguments = {"params": pipeline_params(_config(params, None)), "overrides": list(overrides or []),
+                 "dataset_uri": dataset_uri}  # fmt: skip
+    try:
+        result = kfp_client.run(kfp_client.make_client(host, namespace), arguments, experiment=experiment,
+                                run_name=run_name, pipeline_name=cfg.pipeline.name, package=package)  # fmt: skip
+    except ValueError as err:
+        console.print(f"[red]run failed:[/red] {err}")
+        raise typer.Exit(1) from None
+    _print_json(vars(result))
+
+
+# --- validate ------------------------------------------------------------------------------------------------
+@app.command("validate")
+def validate_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None:
+    """The DVC `validate` stage: the Great Expectations data gate (exit 1 when it fails)."""
+    from moon3.validation.gate import validate
+
+    cfg = _config(params, overrides).validation
+    result = validate(cfg, progress=sys.stderr.isatty())
+    counts = Table("table", "in", "accepted", "quarantined", "fraction", title="validation")
+    for name in ("products", "queries"):
+        m = result.metrics.get(name)
+        if m:
+            counts.add_row(name, str(m["rows_in"]), str(m["rows_accepted"]), str(m["rows_quarantined"]),
+                           f"{m['reject_fraction']:.2%}")  # fmt: skip
+    out.print(counts)
+    if result.failures:
+        failed = Table("table", "rule", "level", "count", "example ids", title="failed rules")
+        failed.columns[1].no_wrap = True
+        for f in result.failures:
+            level = f"[red]{f.level}[/red]" if f.blocking else f.level
+            failed.add_row(f.table, f.check, level, str(f.count), ", ".join(f.examples))
+        out.print(failed)
+    report = result.paths.get("html_report")
+    if not result.passed:
+        # One plain line per blocking failure too: narrow logs (DVC, CI) wrap the table's message column.
+        for f in result.blocking:
+            examples = f" (e.g. {', '.join(f.examples)})" if f.examples else ""
+            console.print(f"{f.table}: {f.check}: {f.message}{examples}", markup=False, highlight=False, soft_wrap=True)
+        console.print(
+            f"[red]validation gate FAILED[/red] ({len(result.blocking)} blocking): see {report}", soft_wrap=True
+        )
+        raise typer.Exit(1)
+    console.print(f"validation gate passed: accepted data in {result.out_dir}, report {report}", soft_wrap=True)
+
+
+# --- evaluate ------------------------------------------------------------------------------------------------
+@app.command("evaluate")
+def evaluate_cmd(
+    params: Path = ParamsOpt,
+    overrides: list[str] = SetOpt,
+    data_dir: Path = typer.Option(None, help="Dataset (default: validation.out_dir); its eval split is used."),
+    out_dir: Path = typer.Option(None, help="Report folder (default: eval.out_dir)."),
+) -> None:
+    """MBE3.0-style zero-shot evaluation of every saved variant; prints the main table and the report path."""
+    from moon3.eval.evaluate import run_evaluation
+
+    cfg = _config(params, overrides)
+    try:
+        result = run_evaluation(cfg, data_dir, out_dir, progress=sys.stderr.isatty())
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]evaluate failed:[/red] {err}")
+        raise typer.Exit(1) from None
+    typer.echo(result["table"])  # plain echo: a Markdown table must not be re-wrapped to the terminal width
+    for name, reason in result["missing"].items():
+        typer.echo(f"not evaluated: {name} ({reason})")
+    typer.echo(f"report: {result['paths']['html']}")
+
+
+@app.command("summary")
+def summary_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None:
+    """What the last run produced: data counts, the validation gate, training, and the evaluation table."""
+    from moon3.eval.report import main_table_markdown
+
+    cfg = _config(params, overrides)
+    files = {
+        "data": Path(cfg.data.out_dir) / "stats.json",
+        "validation": Path(cfg.validation.report_dir) / "validation_metrics.json",
+        "train": Path(cfg.train.report_dir) / "train_metrics.json",
+        "eval": Path(cfg.eval.out_dir) / "results.json",
+    }
+    loaded = {k: json.loads(p.read_text()) for k, p in files.items() if p.exists()}
+    if "data" in loaded:
+        d = loaded["data"]
+        typer.echo(f"data: {d['products']['total']} products, {d['queries']['total']} queries ({cfg.data.out_dir})")
+    if "validation" in loaded:
+        v = loaded["validation"]
+        counts = ", ".join(
+            f"{t}: {v[t]['rows_in']} in, {v[t]['rows_accepted']} accepted, {v[t]['rows_quarantined']} quarantined"
+            for t in ("products", "queries")
+            if t in v
+        )
+        typer.echo(f"validation: {'passed' if v.get('passed') else 'FAILED'} ({counts})")
+    if "train" in loaded:
+        t = loaded["train"]
+        typer.echo(
+            f"pretrain: {t['steps']} steps, final InfoNCE {t['final_infonce']:.3f}, "
+            f"{t['pairs_per_second']:.1f} pairs/s, "
+            f"held-out text R@10 {t.get('heldout_text_recall_at_10_init', float('nan')):.3f} -> "
+            f"{t.get('heldout_text_recall_at_10', float('nan')):.3f}"
+        )
+    if "eval" in loaded:
+        typer.echo("\n" + main_table_markdown(loaded["eval"]))
+        typer.echo(f"\nreport: {Path(cfg.eval.out_dir) / 'report.html'}")
+    missing = [str(p) for k, p in files.items() if k not in loaded]
+    if missing:
+        typer.echo("not produced yet: " + ", ".join(missing))
 
 
 if __name__ == "__main__":
