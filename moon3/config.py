@@ -38,12 +38,8 @@ class Moon3Config:
     """All stage configs; one section of ``params.yaml`` each."""
 
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset preparation."})
-    validation: ValidationConfig = field(
-        default_factory=ValidationConfig, metadata={"help": "Data validation gate."}
-    )
-    model: ModelConfig = field(
-        default_factory=ModelConfig, metadata={"help": "Backbone and embedding contract."}
-    )
+    validation: ValidationConfig = field(default_factory=ValidationConfig, metadata={"help": "Data validation gate."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Backbone and embedding contract."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Contrastive pretraining."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "MBE3.0-style evaluation."})
     pipeline: PipelineConfig = field(default_factory=PipelineConfig, metadata={"help": "Kubeflow pipeline."})
@@ -98,6 +94,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `3e-4` (no dot) as a string; accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
         return float(value)

@@ -40,6 +40,7 @@ def test_unknown_section_is_named(tmp_path):
     [
         ("train:\n  steps: ten\n", r"train\.steps: expected int, got str 'ten'"),
         ("train:\n  steps: 1.5\n", r"train\.steps: expected int, got float"),
+        ("train:\n  lr: fast\n", r"train\.lr: expected float, got str 'fast'"),
         ("model:\n  fusion: 'yes'\n", r"model\.fusion: expected bool"),
         ("eval:\n  ks: 10\n", r"eval\.ks: expected a list"),
         ("eval:\n  ks: [1, x]\n", r"eval\.ks\[1\]: expected int"),
@@ -56,7 +57,10 @@ def test_wrong_type_is_named(tmp_path, yaml_text, message):
 def test_int_widens_to_float_and_overrides_apply(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  lr: 1\n")
-    cfg = load_config(path, ["train.steps=7", "model.fusion=false", "eval.ks=[1, 3]", "data.source_path="])
+    cfg = load_config(
+        path, ["train.steps=7", "model.fusion=false", "eval.ks=[1, 3]", "data.source_path=", "train.weight_decay=3e-4"]
+    )
+    assert cfg.train.weight_decay == 3e-4  # YAML 1.1 reads 3e-4 as a string; floats accept it
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.train.steps == 7
     assert cfg.model.fusion is False

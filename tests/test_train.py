@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 
 from moon3.config import load_config
 from moon3.model.embedder import Moon3Embedder
-from moon3.train.checkpoint import latest_checkpoint
 from moon3.model.items import catalog_texts
+from moon3.train.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-FAST = ["train.heldout_queries=0", "train.log_every=1", "train.batch_size=8", "train.warmup_steps=2"]
+FAST = ["train.heldout_queries=0", "train.log_every=1", "train.batch_size=8", "train.warmup_steps=10", "train.lr=3e-4"]
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -82,17 +82,18 @@ def test_two_rank_loss_equals_single_process(mini_dataset, init_model, tmp_path)
 
 def test_training_loss_falls_and_writes_outputs(mini_dataset, init_model, tmp_path):
     out = _out_dir(tmp_path, "run", init_model)
-    result = subprocess.run(_train_cmd(out, mini_dataset, ["train.steps=16", "train.save_every=8"]),
+    result = subprocess.run(_train_cmd(out, mini_dataset, ["train.steps=60", "train.save_every=30"]),
                             env=_env(tmp_path), capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "final" / "moon3_config.json").exists()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000008", "step-000016"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000030", "step-000060"]
     losses = [
         float(line.split()[1])
         for line in (out / "reports/dvclive/plots/metrics/infonce.tsv").read_text().splitlines()[1:]
     ]  # noqa: E501
-    assert len(losses) == 16
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.2, losses  # it learns
+    assert len(losses) == 60
+    # The untrained tiny model sits on a plateau near the collapsed loss for ~20 steps, then learns.
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.3, losses
     assert (out / "reports" / "train_metrics.json").exists()
 
 
