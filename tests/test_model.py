@@ -29,16 +29,6 @@ TRACE_BUDGET = 8
 CFG = ModelConfig(max_trace_tokens=TRACE_BUDGET, embed_dim=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny-model ops are too small to gain from intra-op threads, and on shared cores their spin-waits cost
-    10x (measured: 0.05 s vs 0.5 s per step under load); restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     root = tmp_path_factory.mktemp("mini")

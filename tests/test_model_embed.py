@@ -20,15 +20,6 @@ from moon3.model.embedder import Moon3Embedder
 from moon3.model.items import catalog_texts, product_item, product_text, query_item
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny-model ops gain nothing from intra-op threads and lose a lot on shared cores (see test_model.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     root = tmp_path_factory.mktemp("mini")
