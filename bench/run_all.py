@@ -1,7 +1,7 @@
 """Run every benchmark in turn (`make bench`); each prints its own table. Results go in BENCHMARKS.md by hand.
 
-    .venv/bin/python -m bench.run_all                 # all
-    .venv/bin/python -m bench.run_all train search    # a subset, by name
+.venv/bin/python -m bench.run_all                 # all
+.venv/bin/python -m bench.run_all train search    # a subset, by name
 """
 
 from __future__ import annotations

@@ -13,13 +13,9 @@ class DataConfig:
         default="mbe3-mini",
         metadata={"help": "mbe3-mini (generated) | mbe (HF parquet layout) | fashion200k | m5product"},
     )
-    source_path: str = field(
-        default="", metadata={"help": "Input folder/file for importers (local or gs://)."}
-    )
+    source_path: str = field(default="", metadata={"help": "Input folder/file for importers (local or gs://)."})
     out_dir: str = field(default="data/prepared", metadata={"help": "Folder of the prepared dataset."})
-    seed: int = field(
-        default=0, metadata={"help": "Seed of the mbe3-mini generator and of split assignment."}
-    )
+    seed: int = field(default=0, metadata={"help": "Seed of the mbe3-mini generator and of split assignment."})
     n_products: int = field(default=3000, metadata={"help": "mbe3-mini: products before --scale."})
     n_queries: int = field(default=3000, metadata={"help": "mbe3-mini: queries before --scale."})
     eval_fraction: float = field(

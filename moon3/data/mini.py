@@ -127,10 +127,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
     elif shape == "hexagon":
         pts = [(math.cos(a), math.sin(a)) for a in np.linspace(0, 2 * math.pi, 7)[:-1]]
     elif shape == "pentagon":
-        pts = [
-            (math.cos(a - math.pi / 2), math.sin(a - math.pi / 2))
-            for a in np.linspace(0, 2 * math.pi, 6)[:-1]
-        ]
+        pts = [(math.cos(a - math.pi / 2), math.sin(a - math.pi / 2)) for a in np.linspace(0, 2 * math.pi, 6)[:-1]]
     elif shape == "star":
         pts = []
         for i in range(10):

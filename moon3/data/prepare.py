@@ -33,9 +33,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> dict[str, Any]:
 
         import_dataset(cfg.source, cfg.source_path, out, eval_fraction=cfg.eval_fraction, seed=cfg.seed)
     else:
-        raise ValueError(
-            f"data.source={cfg.source!r}: expected mbe3-mini or one of {', '.join(IMPORT_SOURCES)}"
-        )
+        raise ValueError(f"data.source={cfg.source!r}: expected mbe3-mini or one of {', '.join(IMPORT_SOURCES)}")
     stats = dataset_stats(out)
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
