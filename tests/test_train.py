@@ -112,12 +112,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(mini_dataset, init_model,
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert latest_checkpoint(killed).name == "step-000004" and not (killed / "final").exists()
+    # Killed after its first checkpoint (step 4; step 8 if this machine is very fast) and before the end.
+    interrupted_at = int(latest_checkpoint(killed).name.split("-")[1])
+    assert interrupted_at in (4, 8) and not (killed / "final").exists()
 
     resumed = subprocess.run(_train_cmd(killed, mini_dataset, sets, resume=True), env=env,
                              capture_output=True, text=True)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stdout and "step 4" in resumed.stdout
+    assert "resuming from" in resumed.stdout and f"(step {interrupted_at})" in resumed.stdout
     a = Moon3Embedder.from_pretrained(reference / "final").state_dict()
     b = Moon3Embedder.from_pretrained(killed / "final").state_dict()
     assert a.keys() == b.keys()
