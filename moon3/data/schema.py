@@ -134,6 +134,22 @@ def write_table(df: pd.DataFrame, path: str | Path, table: str) -> Path:
     return path
 
 
+def schema_errors(schema: pa.Schema, table: str, path: str | Path) -> list[str]:
+    """Every difference between a file's Arrow schema and the table's: missing columns and wrong types.
+
+    An all-null column (Arrow type ``null``) is accepted for any type. Messages name the file and the column.
+    """
+    errors = []
+    for f in SCHEMAS[table]:
+        if f.name not in schema.names:
+            errors.append(f"{path}: missing column '{f.name}' ({f.type})")
+            continue
+        got = schema.field(f.name).type
+        if not got.equals(f.type) and not pa.types.is_null(got):
+            errors.append(f"{path}: column '{f.name}' has type {got}, expected {f.type}")
+    return errors
+
+
 def read_table(path: str | Path, table: str, check: bool = True) -> pd.DataFrame:
     """Read a parquet table into pandas with dict attributes and list category paths.
 
@@ -149,14 +165,9 @@ def read_table(path: str | Path, table: str, check: bool = True) -> pd.DataFrame
     if not path.exists():
         raise SchemaError(f"{path}: file not found")
     arrow = pq.read_table(path)
-    if check:
-        schema = SCHEMAS[table]
-        for f in schema:
-            if f.name not in arrow.schema.names:
-                raise SchemaError(f"{path}: missing column '{f.name}' ({f.type})")
-            got = arrow.schema.field(f.name).type
-            if not got.equals(f.type) and not (pa.types.is_null(got)):
-                raise SchemaError(f"{path}: column '{f.name}' has type {got}, expected {f.type}")
+    errors = schema_errors(arrow.schema, table, path) if check else []
+    if errors:
+        raise SchemaError("; ".join(errors))
     df = arrow.to_pandas()
     for f in SCHEMAS[table]:
         if f.name in df.columns and pa.types.is_map(f.type):

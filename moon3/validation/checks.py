@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from moon3.data.schema import QUERY_TYPES, SCHEMAS, SPLITS
+from moon3.data.schema import QUERY_TYPES, SCHEMAS, SPLITS, schema_errors
 from moon3.validation.config import ValidationConfig
 from moon3.validation.images import MISSING, OK, UNDECODABLE, ImageCheck
 
@@ -78,14 +78,7 @@ def read_checked(path: str | Path, table: str) -> tuple[pa.Table | None, list[st
     except (pa.ArrowInvalid, OSError) as err:
         return None, [f"{path}: not a readable parquet file: {err}"], []
     schema = SCHEMAS[table]
-    errors = []
-    for f in schema:
-        if f.name not in arrow.schema.names:
-            errors.append(f"{path}: missing column '{f.name}' ({f.type})")
-            continue
-        got = arrow.schema.field(f.name).type
-        if not got.equals(f.type) and not pa.types.is_null(got):
-            errors.append(f"{path}: column '{f.name}' has type {got}, expected {f.type}")
+    errors = schema_errors(arrow.schema, table, path)
     extra = [name for name in arrow.schema.names if name not in schema.names]
     if errors:
         return None, errors, extra
