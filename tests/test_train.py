@@ -144,3 +144,52 @@ def test_deepspeed_zero2_two_cpu_ranks_save_and_resume(mini_dataset, init_model,
     assert "resuming from" in second.stdout and "(step 4)" in second.stdout
     assert latest_checkpoint(out).name == "step-000006"
     assert (out / "final" / "moon3_config.json").exists()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on loopback (sqlite store, local artifact root)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "art")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail("mlflow server did not start within 120 s")
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_training_is_tracked_in_a_real_mlflow_server(mini_dataset, init_model, tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    out = _out_dir(tmp_path, "tracked", init_model)
+    env = {**_env(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server}
+    result = subprocess.run(_train_cmd(out, mini_dataset, ["train.steps=4", "train.save_every=4"]), env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("moon3").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "4" and run.data.params["model.backbone"] == "tiny"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "infonce")] == [1, 2, 3, 4]
+    assert run.data.metrics["final_infonce"] > 0
+    files = {f.path for f in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/moon3_config.json", "model/moon3_heads.safetensors", "model/backbone"} <= files
