@@ -68,7 +68,7 @@ def main() -> None:
     head.requires_grad_(False)
     data = PairData(data_dir, "train")
     sampler = HardNegativeSampler(data, args.batch_size, cfg.train.hard_negatives_per_query, 0)
-    builder = BatchBuilder(data, model.embedder.prepare_batch, 1)
+    builder = BatchBuilder(data, model.embedder.prepare_batch)
     batches = [builder(sampler.batch(s)) for s in range(args.steps)]
     start = time.perf_counter()
     for b in batches:

@@ -61,10 +61,13 @@ def save_checkpoint(
     rank: int = 0,
     world_size: int = 1,
     keep: int = 2,
+    engine: Any = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically (plain PyTorch / DDP path; rank 0 writes the shared parts).
+    """Write checkpoint ``step`` atomically; every rank must call it (each writes its own RNG state).
 
-    Every rank must call it (each writes its own RNG state); ranks synchronise before the rename.
+    Plain PyTorch / DDP: rank 0 writes weights, optimizer and scheduler. With a DeepSpeed ``engine`` its own
+    collective ``save_checkpoint`` writes them (possibly sharded) under ``ds/``. Either way the folder is
+    renamed into place only after every rank has finished.
     """
     final = checkpoint_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -73,14 +76,17 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier(world_size)
     torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
-    if rank == 0:
+    if engine is not None:
+        engine.save_checkpoint(str(tmp), tag="ds")
+    elif rank == 0:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    if rank == 0:
         (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": world_size}, indent=2))
     _barrier(world_size)
     if rank == 0:
-        _fsync_dir(tmp)
+        _fsync_files(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         prune_checkpoints(root, keep)
@@ -94,12 +100,16 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     rank: int = 0,
+    engine: Any = None,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this rank's RNG from ``path``; return ``state.json``."""
+    """Restore weights, optimizer, scheduler (through ``engine`` if given) and this rank's RNG; return state."""
     path = Path(path)
-    load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if engine is not None:
+        engine.load_checkpoint(str(path), tag="ds")
+    else:
+        load_model(model, str(path / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
@@ -114,8 +124,10 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
+def _fsync_files(path: Path) -> None:
+    for f in path.rglob("*"):
+        if not f.is_file():
+            continue
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
 

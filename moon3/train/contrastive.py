@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moon3.config import Moon3Config
-from moon3.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from moon3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moon3.train.data import HardNegativeSampler, PairBatch, PairData
 from moon3.train.heldout import heldout_text_recall
 from moon3.train.loss import LearnableTemperature, contrastive_loss, gather_no_grad, gather_with_grad
@@ -106,15 +106,12 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
 class BatchBuilder:
     """Turns a :class:`PairBatch` into model inputs; also run inside DataLoader workers."""
 
-    def __init__(self, data: PairData, prepare_batch, world_size: int):
+    def __init__(self, data: PairData, prepare_batch):
         from moon3.model.items import product_item, query_item
 
         self.data = data
         self.prepare_batch = prepare_batch
-        self.world_size = world_size
         self._product_item, self._query_item = product_item, query_item
-        # Stable integer identity of each product row, so duplicates across ranks can be masked.
-        self.product_codes = torch.arange(len(data.products), dtype=torch.long)
 
     def __call__(self, batch: PairBatch) -> dict[str, Any]:
         queries = self.data.queries.iloc[batch.query_rows]
@@ -128,7 +125,8 @@ class BatchBuilder:
             "inputs": self.prepare_batch(items, traces),
             "n_queries": len(queries),
             "n_products": len(products),
-            "product_codes": self.product_codes[torch.as_tensor(batch.product_rows, dtype=torch.long)],
+            # A product's row is its identity: duplicates across ranks are masked by it in the loss.
+            "product_codes": torch.as_tensor(batch.product_rows, dtype=torch.long),
         }
 
 
@@ -236,12 +234,7 @@ def train_contrastive(
     start_step, run_id = 0, None
     latest = latest_checkpoint(out) if resume else None
     if latest is not None:
-        if engine is not None:
-            engine.load_checkpoint(str(latest), tag="ds")
-            state = json.loads((latest / "state.json").read_text())
-            _load_rng(latest, dist.rank)
-        else:
-            state = load_checkpoint(latest, model, optimizer, scheduler, rank=dist.rank)
+        state = load_checkpoint(latest, model, optimizer, scheduler, rank=dist.rank, engine=engine)
         start_step, run_id = state["step"], state.get("mlflow_run_id")
         if dist.is_main:
             print(f"resuming from {latest} (step {start_step})")
@@ -250,7 +243,7 @@ def train_contrastive(
 
     tracker = Tracker(dist.is_main, tc.mlflow_experiment, "pretrain", reports / "dvclive", cfg.to_dict(), run_id)
     sampler = HardNegativeSampler(data, tc.batch_size, tc.hard_negatives_per_query, tc.seed, dist.world_size)
-    builder = BatchBuilder(data, embedder.prepare_batch, dist.world_size)
+    builder = BatchBuilder(data, embedder.prepare_batch)
     end_step = tc.steps if max_steps is None else min(tc.steps, start_step + max_steps)
     loader = torch.utils.data.DataLoader(
         StepBatches(sampler, builder, dist.rank, start_step * tc.grad_accum, end_step * tc.grad_accum),
@@ -299,7 +292,8 @@ def train_contrastive(
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.3f}", tau=f"{last['temperature']:.3f}")
             if (step + 1) % tc.save_every == 0 or step + 1 == tc.steps:
-                _save(out, step + 1, model, optimizer, scheduler, engine, dist, tracker.run_id)
+                save_checkpoint(out, step + 1, model, optimizer, scheduler, {"mlflow_run_id": tracker.run_id},
+                                dist.rank, dist.world_size, engine=engine)  # fmt: skip
     except BaseException:
         tracker.close("FAILED")
         raise
@@ -353,38 +347,6 @@ def _freeze_unused_lm_head(embedder: nn.Module) -> None:
     head = embedder.backbone.get_output_embeddings()
     if head is not None and head.weight is not embedder.backbone.get_input_embeddings().weight:
         head.requires_grad_(False)
-
-
-def _save(out, step, model, optimizer, scheduler, engine, dist: DistInfo, run_id: str | None) -> None:
-    state = {"mlflow_run_id": run_id}
-    if engine is None:
-        save_checkpoint(out, step, model, optimizer, scheduler, state, dist.rank, dist.world_size)
-        return
-    # DeepSpeed writes its own (possibly sharded) files; the same tmp-then-rename rule keeps it atomic.
-    from moon3.train.checkpoint import checkpoint_dir, rng_state
-
-    final = checkpoint_dir(out, step)
-    tmp = final.with_name(final.name + ".tmp")
-    engine.save_checkpoint(str(tmp), tag="ds")
-    torch.save(rng_state(), tmp / f"rng-rank{dist.rank}.pt")
-    if dist.is_main:
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "world_size": dist.world_size}))
-    torch.distributed.barrier()
-    if dist.is_main:
-        import shutil
-
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        prune_checkpoints(out, keep=2)
-    torch.distributed.barrier()
-
-
-def _load_rng(path: Path, rank: int) -> None:
-    from moon3.train.checkpoint import set_rng_state
-
-    rng_file = path / f"rng-rank{rank}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=True))
 
 
 def _use_bf16(precision: str, device: torch.device) -> bool:

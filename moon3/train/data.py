@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from moon3.data.schema import TRACES, read_dataset, read_table, table_path
 
@@ -55,10 +54,6 @@ class PairData:
 
     def __len__(self) -> int:
         return len(self.queries)
-
-    def product_frame(self, rows: np.ndarray) -> pd.DataFrame:
-        """Product rows in the given order."""
-        return self.products.iloc[rows]
 
 
 class HardNegativeSampler:

@@ -22,7 +22,7 @@ def main(init_dir: str, data_dir: str, out_file: str, global_batch: int = 8) -> 
     model.train()
     data = PairData(data_dir, "train")
     sampler = HardNegativeSampler(data, global_batch // dist.world_size, 1, seed=0, world_size=dist.world_size)
-    batch = BatchBuilder(data, model.embedder.prepare_batch, dist.world_size)(sampler.batch(0, dist.rank))
+    batch = BatchBuilder(data, model.embedder.prepare_batch)(sampler.batch(0, dist.rank))
     codes = gather_no_grad(batch["product_codes"])
     positive_index = _positive_index(batch["n_queries"], batch["n_products"], dist.world_size, torch.device("cpu"))
     parts = model(batch["inputs"], batch["n_queries"], positive_index, codes, 0.0)
