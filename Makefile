@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test lint bench clean
+.PHONY: install run ablate test lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,10 +24,15 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 
 install: $(STAMP)
 
+# The main chain only (prepare -> validate -> pretrain -> evaluate); `make ablate` adds the ablations.
 run: install
-	$(BIN)/dvc repro
+	$(BIN)/dvc repro evaluate
 	$(BIN)/moon3 data stats data/prepared
 	$(BIN)/moon3 summary
+
+# Trains no_fusion, no_fire and no_reasoning (same data, steps, seed) and writes reports/ablations/eval.
+ablate: install
+	$(BIN)/dvc repro evaluate_ablations
 
 test: install
 	$(BIN)/pytest -q tests

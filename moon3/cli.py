@@ -156,10 +156,21 @@ def train_contrastive_cmd(
     out_dir: Path = typer.Option(None, help="Model output folder (default: train.out_dir)."),
     report_dir: Path = typer.Option(None, help="Metrics and plots folder (default: train.report_dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint."),
+    ablation: str = typer.Option(
+        None, help="Train an ablation instead (no_fusion | no_fire | no_reasoning) into models/ablations/NAME."
+    ),
 ) -> None:
     """Stage A: contrastive pretraining (InfoNCE with hard negatives). Launch with torchrun for several processes."""
+    from moon3.train.ablations import ablation_overrides
     from moon3.train.contrastive import train_contrastive
 
+    if ablation:
+        try:
+            # The ablation's switch and folders first, so an explicit --set still wins.
+            overrides = [*ablation_overrides(ablation), *(overrides or [])]
+        except ValueError as err:
+            console.print(f"[red]--ablation:[/red] {err}")
+            raise typer.Exit(2) from None
     cfg = _config(params, overrides)
     summary = train_contrastive(
         cfg,
@@ -360,13 +371,24 @@ def evaluate_cmd(
     typer.echo(result["table"])  # plain echo: a Markdown table must not be re-wrapped to the terminal width
     for name, reason in result["missing"].items():
         typer.echo(f"not evaluated: {name} ({reason})")
+    _echo_reference_check(result)
     typer.echo(f"report: {result['paths']['html']}")
+
+
+def _echo_reference_check(summary: dict) -> None:
+    """The report's "below the non-learned references" block, as plain lines."""
+    from moon3.eval.tables import below_reference_lines
+
+    warning, lines = below_reference_lines(summary)
+    typer.echo(("WARNING: below the non-learned references. " if warning else "") + lines[0])
+    for line in lines[1:]:
+        typer.echo(f"  - {line}")
 
 
 @app.command("summary")
 def summary_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None:
     """What the last run produced: data counts, the validation gate, training, and the evaluation table."""
-    from moon3.eval.report import main_table_markdown
+    from moon3.eval.tables import main_table_markdown
 
     cfg = _config(params, overrides)
     files = {
@@ -397,6 +419,7 @@ def summary_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None
         )
     if "eval" in loaded:
         typer.echo("\n" + main_table_markdown(loaded["eval"]))
+        _echo_reference_check(loaded["eval"])
         typer.echo(f"\nreport: {Path(cfg.eval.out_dir) / 'report.html'}")
     missing = [str(p) for k, p in files.items() if k not in loaded]
     if missing:

@@ -88,14 +88,14 @@ def test_generator_is_deterministic(tmp_path):
 
 def test_no_split_leakage_and_sizes(mini_dataset):
     products, queries = read_dataset(mini_dataset)
-    assert len(products) == 200 and len(queries) == 200
+    assert len(products) == 200 and len(queries) == 240  # 200 product queries + 20% category-name queries
     assert products["product_id"].is_unique and queries["query_id"].is_unique
     split_of = dict(zip(products["product_id"], products["split"], strict=True))
     # Every query shares its positive's split: no eval product or eval query can reach training.
     assert (queries["positive_product_id"].map(split_of) == queries["split"]).all()
     assert set(products["split"]) == {"train", "eval"}
     assert 0.1 < (products["split"] == "eval").mean() < 0.3
-    assert set(queries["query_type"]) == {"text", "image", "multimodal"}
+    assert set(queries["query_type"]) == {"text", "image", "multimodal", "category"}
     assert queries.loc[queries["query_type"] == "text", "query_image"].isna().all()
     assert queries.loc[queries["query_type"] == "image", "query_text"].isna().all()
 
@@ -132,7 +132,7 @@ def test_category_names_and_stats(mini_dataset):
     stats = dataset_stats(mini_dataset)
     assert stats["products"]["total"] == 200
     assert stats["products"]["train"] + stats["products"]["eval"] == 200
-    assert sum(stats["query_types"].values()) == 200
+    assert sum(stats["query_types"].values()) == 240
     assert sum(stats["category_level1"].values()) == 200
     assert set(stats["attributes"]) == set(attribute_values())
     assert sum(stats["attributes"]["color"].values()) == 200
@@ -142,7 +142,7 @@ def test_scale_reuses_images_and_resamples_text(tmp_path):
     cfg = DataConfig(n_products=30, n_queries=30, seed=1, scale=3)
     counts = make_sample(cfg, tmp_path, progress=False)
     products, queries = read_dataset(tmp_path)
-    assert counts["products"] == len(products) == 90 and len(queries) == 90
+    assert counts["products"] == len(products) == 90 and len(queries) == 3 * (30 + 6)  # + category queries
     assert products["product_id"].is_unique and queries["query_id"].is_unique
     assert (products["image"].iloc[:30].values == products["image"].iloc[30:60].values).all()
     assert (products["title"].iloc[:30].values != products["title"].iloc[30:60].values).any()
@@ -205,3 +205,19 @@ def test_dvc_prepare_stage_runs_then_is_up_to_date(tmp_path):
     third = dvc("repro", "prepare")
     assert "Running stage 'prepare'" in third.stdout
     assert len(read_table(table_path(work / "data/prepared", PRODUCTS), PRODUCTS)) == 60
+
+
+def test_category_queries_name_every_level_in_training(tmp_path):
+    """Every category name the zero-shot task asks about occurs as a training query, at every level."""
+    make_sample(DataConfig(n_products=300, n_queries=300, seed=2), tmp_path, progress=False)
+    products, queries = read_dataset(tmp_path)
+    category = queries[queries["query_type"] == "category"]
+    assert len(category) == 60 and category["query_image"].isna().all()
+    path_of = dict(zip(products["product_id"], products["category_path"], strict=True))
+    # The text is a name on the positive's own path.
+    assert all(
+        text in path_of[pid] for text, pid in zip(category["query_text"], category["positive_product_id"], strict=True)
+    )
+    trained = set(category.loc[category["split"] == "train", "query_text"])
+    for level, names in category_names().items():
+        assert set(names) <= trained, level

@@ -20,6 +20,7 @@ from moon3.data.io import load_image
 from moon3.data.mini import make_sample
 from moon3.data.schema import PRODUCTS, QUERIES, read_dataset, table_path, write_table
 from moon3.eval.config import EvalConfig
+from moon3.eval.data import load_eval_data
 from moon3.eval.evaluate import evaluate
 from moon3.eval.metrics import (
     accuracy,
@@ -33,7 +34,7 @@ from moon3.eval.metrics import (
     zero_shot_predict,
 )
 from moon3.eval.search import exact_search, positive_ranks, rank_of_positive
-from moon3.eval.tasks import check_embeddings, load_eval_data, run_tasks
+from moon3.eval.tasks import check_embeddings, run_tasks
 from moon3.eval.variants import collect_variants
 from moon3.model.contract import EmbeddingContract, save_contract
 from moon3.model.items import product_text
@@ -307,7 +308,7 @@ def test_evaluate_writes_report_and_skips_empty_modality(tiny_dataset, tmp_path)
     write_table(products, table_path(data_dir, PRODUCTS), PRODUCTS)
     write_table(queries[queries["query_type"] != "image"], table_path(data_dir, QUERIES), QUERIES)
 
-    cfg = EvalConfig(embed_chunk=32, curve_ks=[1, 5, 10, 50])
+    cfg = EvalConfig(embed_chunk=32, curve_ks=[1, 5, 10, 50], references=[])
     untrained = ClosableCollapsed()
     variants = {"trained": OracleEmbedder(tiny_dataset), "untrained": untrained}
     missing = {"no_fire": "no saved model at 'models/no_fire'"}
@@ -328,8 +329,9 @@ def test_evaluate_writes_report_and_skips_empty_modality(tiny_dataset, tmp_path)
     )
     with open(Path(out["paths"]["plots"]) / "recall_at_k" / "text_to_image.csv") as fh:
         rows = list(csv.reader(fh))
-    assert rows[0] == ["k", "trained", "untrained"] and [r[0] for r in rows[1:]] == ["1", "5", "10", "50"]
-    assert rows[1][1:] == ["1.000000", "0.000000"]
+    assert rows[0] == ["k", "trained", "untrained", "chance"] and [r[0] for r in rows[1:]] == ["1", "5", "10", "50"]
+    n_eval = len(load_eval_data(data_dir, cfg).products)
+    assert rows[1][1:] == ["1.000000", "0.000000", f"{1 / n_eval:.6f}"]
     assert not (Path(out["paths"]["plots"]) / "recall_at_k" / "image_to_mm.csv").exists()
 
     html = Path(out["paths"]["html"]).read_text()
@@ -337,7 +339,7 @@ def test_evaluate_writes_report_and_skips_empty_modality(tiny_dataset, tmp_path)
     assert "<th>text→image R@10</th>" in header and "<th>category L1 acc</th>" in header
     trained_row = re.search(r"<tr><td class=\"\">trained</td>(.*?)</tr>", html).group(1)
     assert '<td class="skip">skipped</td>' in trained_row  # image->mm column
-    assert html.count("data:image/png;base64,") == 6  # 4 recall curves + 2 confusion matrices
+    assert html.count("<img class='plot'") == 6  # 4 recall curves + 2 confusion matrices
     md = Path(out["paths"]["markdown"]).read_text()
     assert out["table"] in md and "| untrained |" in md and "retrieval/image_to_mm" in md
     assert "no_fire: not evaluated: no saved model at 'models/no_fire'" in md and "no_fire: not evaluated" in html
@@ -368,7 +370,13 @@ def test_collect_variants_finds_saved_models_and_lists_missing(tmp_path):
     assert list(variants) == ["trained", "untrained", "reasoning_off", "no_fusion"]
     assert variants["reasoning_off"].reasoning is False and variants["trained"].reasoning is None
     assert missing == {"no_rl": f"no saved model at {str(tmp_path / 'nope')!r}"}
+    # A model saved with reasoning off (never trained on traces): its other mode is reasoning forced on.
     variants, missing = collect_variants(EvalConfig(model_dir=str(tmp_path / "direct"), baseline_dir=""))
-    assert list(variants) == ["trained"] and set(missing) == {"untrained", "reasoning_off"}
+    assert list(variants) == ["trained", "reasoning_on_forced"] and set(missing) == {"untrained"}
+    assert variants["reasoning_on_forced"].reasoning is True
+    cfg = EvalConfig(model_dir=str(tmp_path / "direct"), baseline_dir="", other_reasoning_mode=False)
+    assert list(collect_variants(cfg)[0]) == ["trained"]
+    with pytest.raises(ValueError, match="clashes"):
+        collect_variants(EvalConfig(model_dir=str(tmp_path / "final"), ablation_dirs={"chance": str(tmp_path)}))
     with pytest.raises(FileNotFoundError, match="run training first"):
         collect_variants(EvalConfig(model_dir=str(tmp_path / "nope")))

@@ -7,9 +7,11 @@ configs in ``moon3/model/tiny/``, a tokenizer trained on an mbe3-mini sample.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -121,19 +123,33 @@ def test_gradients_reach_fusion_fire_and_projection(model, items):
     loss = torch.nn.functional.cross_entropy(sim, torch.arange(len(items))) + 0.1 * out.lm_loss
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if not n.startswith("backbone.")}
-    for prefix in ("fusion.attn_v", "fusion.attn_t", "fusion.gate", "proj", "fire.alpha"):
+    for prefix in ("fusion.attn_v", "fusion.attn_t", "fusion.gate", "proj", "fire.mlps.0.2"):
         assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith(prefix)), prefix
-    # At alpha = 0 only the gates learn (d/dMLP of tanh(0)*MLP is 0); once open, the MLPs learn too.
-    with torch.no_grad():
-        model.fire.alpha.fill_(0.5)
-    model.zero_grad()
-    model(model.prepare_batch(items)).embeddings.sum().backward()
-    for prefix in ("fire.project", "fire.mlps", "fire.norms"):
-        assert any(g is not None and g.abs().sum() > 0 for n, g in _head_grads(model) if n.startswith(prefix))
-    with torch.no_grad():
-        model.fire.alpha.zero_()
+    # At init (last MLP layer zero, alpha = 1) the last MLP layer learns at once (tanh(1) != 0); as soon as it
+    # has moved, the gate and everything before it learn too. (alpha = 0 with a random MLP never opened.)
+    assert grads["fire.alpha"].abs().sum() == 0
+    with open_fire(model.fire):
+        model.zero_grad()
+        model(model.prepare_batch(items)).embeddings.sum().backward()
+        for prefix in ("fire.project", "fire.mlps", "fire.norms", "fire.alpha"):
+            assert any(g is not None and g.abs().sum() > 0 for n, g in _head_grads(model) if n.startswith(prefix))
     model.zero_grad()
     model.eval()
+
+
+@contextlib.contextmanager
+def open_fire(fire: FIRE, scale: float = 0.5):
+    """Give FIRE's zero-initialised last MLP layers random weights for the duration (as training would)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mlp in fire.mlps:
+            mlp[-1].weight.copy_(scale * torch.randn(mlp[-1].weight.shape, generator=generator))
+    try:
+        yield fire
+    finally:
+        with torch.no_grad():
+            for mlp in fire.mlps:
+                mlp[-1].weight.zero_()
 
 
 def _head_grads(model):
@@ -168,11 +184,9 @@ def check_fire(model: Moon3Embedder, items) -> None:
     plain = _backbone_states(model, batch)
     assert torch.equal(with_hooks, plain)
     fire.attach(model.backbone)
-    with torch.no_grad():
-        fire.alpha.fill_(0.5)
-    opened = _backbone_states(model, batch)
-    with torch.no_grad():
-        fire.alpha.zero_()
+    assert fire.gate_values() == pytest.approx([math.tanh(1.0)] * len(fire.layers))
+    with open_fire(fire):
+        opened = _backbone_states(model, batch)
     first_image = int(batch["image_mask"][0].nonzero()[0])
     assert torch.equal(opened[0, :first_image], plain[0, :first_image])  # causal: nothing before the image moves
     assert not torch.allclose(opened[0, first_image:], plain[0, first_image:])
@@ -199,7 +213,8 @@ def test_deepcopy_is_an_independent_model(model, items):
     ref = copy.deepcopy(model)
     assert ref.fire._visual is ref.backbone.model.visual
     with torch.no_grad():
-        ref.fire.alpha.fill_(1.0)
+        for mlp in ref.fire.mlps:
+            mlp[-1].weight.fill_(0.1)
     try:
         moved, kept = ref.embed(items[:1], reasoning=False), model.embed(items[:1], reasoning=False)
         with torch.no_grad():

@@ -34,8 +34,8 @@ def model(sample):
 
 def test_product_text_and_items(sample):
     row = {"product_id": "p1", "title": " Red shirt ", "attributes": {"size": "small", "color": "red"}, "image": None}
-    assert product_text(row) == "Red shirt\ncolor: red; size: small"  # attributes sorted: a stable text
-    assert product_item(row, sample) == {"image": None, "text": "Red shirt\ncolor: red; size: small"}
+    assert product_text(row) == "Red shirt\ncolor: red\nsize: small"  # attributes sorted: a stable text
+    assert product_item(row, sample) == {"image": None, "text": "Red shirt\ncolor: red\nsize: small"}
     q = {"query_id": "q1", "query_text": math.nan, "query_image": None}
     with pytest.raises(ValueError, match="query 'q1': has neither query_text nor query_image"):
         query_item(q, sample)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from moon3.config import load_config
+from moon3.model.contract import load_contract
 from moon3.model.embedder import Moon3Embedder
 from moon3.model.items import catalog_texts
 from moon3.train.checkpoint import latest_checkpoint
@@ -94,7 +96,20 @@ def test_training_loss_falls_and_writes_outputs(mini_dataset, init_model, tmp_pa
     assert len(losses) == 60
     # The untrained tiny model sits on a plateau near the collapsed loss for ~20 steps, then learns.
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.3, losses
-    assert (out / "reports" / "train_metrics.json").exists()
+    summary = json.loads((out / "reports" / "train_metrics.json").read_text())
+    # The temperature learns at its own rate; FIRE's gates are open (tanh(1) at init) and stay so.
+    assert abs(summary["final_temperature"] - 0.05) > 1e-3, summary
+    assert summary["final_fire_gate_abs_mean"] > 0.1, summary
+    gates = (out / "reports/dvclive/plots/metrics/fire_gate_abs_mean.tsv").read_text().splitlines()[1:]
+    assert len(gates) == 60
+    # Honest reasoning flag: no traces in this data, so the model is saved (and loads) with reasoning off.
+    contract, payload = load_contract(out / "final")
+    assert (contract.reasoning, contract.trained_with_traces) == (False, False)
+    assert payload["training"]["steps"] == 60 and payload["training"]["traces"] is False
+    assert Moon3Embedder.from_pretrained(out / "final").contract.reasoning is False
+    # FIRE's zero-initialised last layers really moved.
+    heads = load_file(out / "final" / "moon3_heads.safetensors")
+    assert heads["fire.mlps.0.2.weight"].abs().max() > 0
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(mini_dataset, init_model, tmp_path):

@@ -18,6 +18,13 @@ class DataConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the mbe3-mini generator and of split assignment."})
     n_products: int = field(default=3000, metadata={"help": "mbe3-mini: products before --scale."})
     n_queries: int = field(default=3000, metadata={"help": "mbe3-mini: queries before --scale."})
+    category_queries: float = field(
+        default=0.2,
+        metadata={
+            "help": "mbe3-mini: category-name queries (a level-1, -2 or -3 name; positive: a product under it) "
+            "per product query, so every category name the zero-shot task asks about is in the training signal."
+        },
+    )
     eval_fraction: float = field(
         default=0.2, metadata={"help": "Fraction of products (and their queries) held out for evaluation."}
     )

@@ -15,10 +15,14 @@ Generative process (all draws from one ``numpy`` generator seeded with ``seed``)
 5. **Split**: a product is in ``eval`` with probability ``eval_fraction``; its queries share its split, so
    no evaluation product or query is ever seen in training.
 6. **Queries**, each pointing at one product bought after it (the positive), of three types:
-   ``text`` (40 %): an attribute paraphrase with synonyms ("crimson mini pinstripe tee");
+   ``text`` (40 %): an attribute paraphrase with synonyms ("crimson mini pinstripe tee"), sometimes naming
+   the logo letter, the material or the brand ("... with letter A in leather by Nordvik");
    ``image`` (30 %): another view of the product, re-rendered shifted, rotated (up to 25 degrees), rescaled
    and on a new background; ``multimodal`` (30 %): such a view plus text naming a text-only attribute
-   ("in leather, by Nordvik").
+   ("in leather, by Nordvik"). Then ``category_queries`` times as many ``category`` queries: a category name
+   (levels 1, 2, 3 and the names of each level in turn) as the text, and a random training product under it
+   as the positive, so every name the zero-shot classification asks about occurs in the training signal
+   (drawn from a second generator, so adding them leaves every other draw unchanged).
 7. **Scale** ``N``: N copies of the catalog; copy ``r > 0`` re-draws brand, material, title, price, shop and
    query texts but reuses the images of copy 0, so a 1M-row table is cheap to make for benchmarks.
 
@@ -269,6 +273,11 @@ def _query_text(rng: np.random.Generator, leaf: str, attrs: dict[str, str]) -> s
     text = " ".join(words + [_pick(rng, SYNONYMS[leaf])])
     if rng.random() < 0.5:
         text += f" with letter {attrs['logo']}"
+    # Shoppers also type what no picture shows: the material and the brand.
+    if rng.random() < 0.3:
+        text += f" in {attrs['material']}"
+    if rng.random() < 0.3:
+        text += f" by {attrs['brand']}"
     return _pick(rng, ("", "looking for ", "need a ", "buy ")) + text
 
 
@@ -346,8 +355,28 @@ def make_sample(cfg: DataConfig, out_dir: str | Path | None = None, progress: bo
             n_images += 1
         base_queries.append((k, qtype, image))
 
+    # Category queries of copy 0: (product, level). Levels and names go round-robin, so every name occurs;
+    # the positive is a training product under the name where there is one (so every name is in the training
+    # signal). A separate generator keeps the draws above unchanged.
+    cat_rng = np.random.default_rng([cfg.seed, 1])
+    n_category = int(round(cfg.category_queries * cfg.n_queries))
+    names = category_names()
+    under: dict[tuple[int, str], list[int]] = {}
+    for k, (leaf, _, _) in enumerate(base):
+        for level, name in enumerate(_path(leaf)):
+            under.setdefault((level, name), []).append(k)
+    base_category = []
+    for j in range(n_category):
+        level = j % 3
+        name = names[level + 1][(j // 3) % len(names[level + 1])]
+        products_under = under.get((level, name), [])
+        pool = [k for k in products_under if base_split[k] == "train"] or products_under
+        if pool:
+            base_category.append((pool[int(cat_rng.integers(len(pool)))], level))
+
     products, queries = [], []
-    width = len(str(cfg.n_products * cfg.scale))
+    per_copy = cfg.n_queries + n_category
+    width = len(str(max(cfg.n_products, per_copy) * cfg.scale))
     for r in tqdm(range(cfg.scale), desc="write copies", disable=not progress or cfg.scale == 1):
         for k, (leaf, attrs, _bg) in enumerate(base):
             if r > 0:
@@ -377,7 +406,7 @@ def make_sample(cfg: DataConfig, out_dir: str | Path | None = None, progress: bo
                 text = None
             queries.append(
                 {
-                    "query_id": f"q{r * cfg.n_queries + j:0{width}d}",
+                    "query_id": f"q{r * per_copy + j:0{width}d}",
                     "query_text": text,
                     "query_image": image,
                     "positive_product_id": product["product_id"],
@@ -385,9 +414,26 @@ def make_sample(cfg: DataConfig, out_dir: str | Path | None = None, progress: bo
                     "query_type": qtype,
                 }
             )
+        for j, (k, level) in enumerate(base_category, start=cfg.n_queries):
+            product = products[r * cfg.n_products + k]
+            queries.append(
+                {
+                    "query_id": f"q{r * per_copy + j:0{width}d}",
+                    "query_text": product["category_path"][level],
+                    "query_image": None,
+                    "positive_product_id": product["product_id"],
+                    "split": product["split"],
+                    "query_type": "category",
+                }
+            )
     write_table(pd.DataFrame(products), table_path(out, PRODUCTS), PRODUCTS)
     write_table(pd.DataFrame(queries), table_path(out, QUERIES), QUERIES)
     return {"products": len(products), "queries": len(queries), "images": n_images}
+
+
+def _path(leaf: str) -> list[str]:
+    level1, level2, _ = CATEGORY_TREE[leaf]
+    return [level1, level2, leaf]
 
 
 def category_names() -> dict[int, list[str]]:

@@ -24,7 +24,10 @@ PRODUCTS = "products"
 QUERIES = "queries"
 TRACES = "traces"
 SPLITS = ("train", "eval")
-QUERY_TYPES = ("text", "image", "multimodal")
+# ``category``: a category name at some level of the tree as the query text; its positive is one product under
+# that category. Training signal for broad queries (every product under the name is relevant, so the loss
+# masks them as negatives); evaluation measures it by zero-shot category classification, not retrieval.
+QUERY_TYPES = ("text", "image", "multimodal", "category")
 MAX_CATEGORY_DEPTH = 5
 
 PRODUCT_SCHEMA = pa.schema(

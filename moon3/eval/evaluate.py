@@ -1,9 +1,11 @@
-"""The ``evaluate`` stage: every MBE3.0-style task for every model variant, then the report.
+"""The ``evaluate`` stage: every MBE3.0-style task for every variant, paired deltas, then the report.
 
 Variants are plain embedders (``embed_fn(items) -> unit-norm rows``), so this module knows nothing about how a
 model is loaded. The caller builds the dict in the order the table should show, e.g. ``trained``,
-``untrained``, ``reasoning_off``, then whichever ablation checkpoints exist (``no_fusion``, ``no_fire``,
-``no_rl``, ``no_reasoning``).
+``untrained``, ``reasoning_off`` (or ``reasoning_on_forced``), then whichever ablation checkpoints exist; the
+non-learned references of ``eval.references`` are added after them. Optional embedder attributes the stage
+uses: ``describe()`` (embedding mode, trace statistics), ``traces(items)`` (qualitative traces), ``path`` (a
+saved model folder, for the provenance), ``mode`` (a one-line description), ``close()`` (free memory).
 """
 
 from __future__ import annotations
@@ -14,24 +16,53 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moon3.eval.config import EvalConfig
-from moon3.eval.report import flatten_metrics, main_table_markdown, summarize, write_report
-from moon3.eval.tasks import EmbedFn, TaskResult, load_eval_data, run_tasks
-from moon3.eval.variants import collect_variants
+from moon3.eval.compare import below_references, variant_deltas
+from moon3.eval.config import METRICS_KEYS, REFERENCE_NAMES, EvalConfig
+from moon3.eval.data import load_eval_data
+from moon3.eval.provenance import collect_provenance
+from moon3.eval.qualitative import build_examples
+from moon3.eval.references import build_references, reference_rows
+from moon3.eval.report import flatten_metrics, metrics_json, summarize, write_report
+from moon3.eval.tables import main_table_markdown
+from moon3.eval.tasks import EmbedFn, TaskResult, run_tasks
+from moon3.eval.variants import collect_variants, model_record
 
 if TYPE_CHECKING:
     from moon3.config import Moon3Config
 
-# Display order and meaning of the variant names the model-loading layer is expected to use.
+# Display order and meaning of the variant names; any other model variant is an ablation.
 VARIANTS = {
-    "trained": "the model under evaluation",
+    "trained": "the model under evaluation, in its contract's default reasoning mode",
     "untrained": "the backbone before any moon3 training",
     "reasoning_off": "the trained model with reasoning: off (empty trace)",
+    "reasoning_on": "the trained model with reasoning: on (it was trained with traces)",
+    "reasoning_on_forced": "the trained model forced to reason, though it was trained without traces",
     "no_fusion": "ablation: trained without the modality fusion head",
     "no_fire": "ablation: trained without FIRE injection",
     "no_rl": "ablation: contrastive stage only, no GRPO",
     "no_reasoning": "ablation: trained without reasoning traces",
+    "ref_tfidf": "non-learned: character n-gram TF-IDF of the text (fit on train-split product texts)",
+    "ref_pixels": "non-learned: raw 32x32 pixels, mean-centred, cosine",
+    "ref_tfidf_pixels": "non-learned: TF-IDF and pixels as two normalised halves",
 }
+BASELINES = ("untrained", "reasoning_off", "reasoning_on", "reasoning_on_forced")
+
+
+def variant_role(name: str, against: str) -> str:
+    """``trained`` (the model every delta is against), ``baseline``, ``reference`` or ``ablation``."""
+    if name == against:
+        return "trained"
+    if name in BASELINES:
+        return "baseline"
+    return "reference" if name in REFERENCE_NAMES else "ablation"
+
+
+def describe_mode(embed_fn: EmbedFn) -> dict[str, Any]:
+    """The embedder's mode for the tables: its ``describe()``, else its ``mode`` text, else unknown."""
+    describe = getattr(embed_fn, "describe", None)
+    if callable(describe):
+        return describe()
+    return {"label": getattr(embed_fn, "mode", "unknown (not a saved model)")}
 
 
 def evaluate(
@@ -41,47 +72,85 @@ def evaluate(
     out_dir: str | Path | None = None,
     progress: bool = True,
     missing: dict[str, str] | None = None,
+    params: dict[str, Any] | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
-    """Run all tasks for each variant on the eval split of ``data_dir`` and write the report.
+    """Run all tasks for each variant and each reference on the eval split of ``data_dir``; write the report.
 
     Args:
         cfg: the ``eval`` section of ``params.yaml``.
-        variants: name -> embedder, in table order (see :data:`VARIANTS` for the usual names).
+        variants: name -> embedder, in table order (see :data:`VARIANTS`); deltas are against ``trained``
+            (else the first variant), whose top-5 results are the qualitative examples.
         data_dir: a dataset folder (``products.parquet``, ``queries.parquet``, images).
         out_dir: where the outputs go; default ``cfg.out_dir``.
         progress: progress bars while embedding.
         missing: variants that could not be evaluated, name -> reason (listed in the report).
+        params: the whole configuration, hashed into the provenance (default: the ``eval`` section).
+        source: the configured data source, for the provenance when the folder has no ``stats.json`` naming it.
 
     Returns:
-        ``metrics`` (nested numbers, as in ``metrics.json``), ``flat`` (``variant/kind/task/metric`` ->
-        value, for MLflow / KFP), ``skipped`` (variant -> task -> reason), ``missing`` (variant -> reason),
-        ``table`` (the comparison table in Markdown), ``paths`` (the files written) and ``seconds`` per variant.
+        ``metrics`` (as in ``metrics.json``), ``flat`` (``variant/kind/task/metric`` -> value, for MLflow /
+        KFP), ``skipped`` (variant -> task -> reason), ``missing`` (variant -> reason), ``deltas`` (rows vs
+        ``trained`` with 95% intervals), ``below_references`` (``entries``, ``compared``), ``modes`` (variant
+        -> reasoning label and trace statistics), ``provenance``, ``table`` (the comparison table in
+        Markdown), ``paths`` (the files written) and ``seconds`` per variant.
 
     Raises:
-        ValueError: no variant given, or the dataset cannot be evaluated (see :func:`load_eval_data`).
+        ValueError: no variant given, a reserved variant name, an unknown reference name, or the dataset
+            cannot be evaluated (see :func:`moon3.eval.data.load_eval_data`).
     """
     if not variants:
         raise ValueError("evaluate: no model variant to evaluate")
+    clashes = sorted(set(variants) & {*REFERENCE_NAMES, *METRICS_KEYS})
+    if clashes:
+        raise ValueError(f"evaluate: variant name(s) {clashes} are reserved for references or metrics.json keys")
     data = load_eval_data(data_dir, cfg)
+    references, unbuilt = build_references(cfg.references, data)
+    saved = {name: fn.path for name, fn in variants.items() if isinstance(getattr(fn, "path", None), str)}
+    models = {name: model_record(path) for name, path in saved.items()}
+    against = "trained" if "trained" in variants else next(iter(variants))
     results: dict[str, list[TaskResult]] = {}
     seconds: dict[str, float] = {}
-    for name, embed_fn in variants.items():
+    modes: dict[str, dict[str, Any]] = {}
+    examples: list[dict[str, Any]] = []
+    for name, embed_fn in {**variants, **references}.items():
         start = time.perf_counter()
         try:
             results[name] = run_tasks(data, embed_fn, cfg, progress=progress, variant=name)
+            modes[name] = describe_mode(embed_fn)
+            if name == against:
+                reasoning = modes[name].get("reasoning") is True
+                examples = build_examples(data, results[name], embed_fn, cfg, with_traces=reasoning)
         finally:
             close = getattr(embed_fn, "close", None)
             if callable(close):  # e.g. ModelEmbedFn: free this variant's model before loading the next
                 close()
         seconds[name] = round(time.perf_counter() - start, 2)
-    summary = summarize(results, main_k=max(cfg.ks))
-    summary["missing"] = dict(missing or {})
+    main_k = max(cfg.ks)
+    deltas = variant_deltas(results, against, main_k, n_boot=cfg.bootstrap_samples, seed=cfg.seed)
+    summary = summarize(results, main_k, reference_rows=reference_rows(data, cfg))
+    summary.update(
+        missing={**(missing or {}), **unbuilt},
+        against=against,
+        roles={name: variant_role(name, against) for name in results},
+        modes=modes,
+        seconds=seconds,
+        deltas=deltas,
+        below_references=below_references(deltas, list(references)),
+        examples=examples,
+        provenance=collect_provenance(data, data_dir, models, cfg, params=params, source=source),
+    )
     paths = write_report(summary, out_dir or cfg.out_dir)
+    metrics = metrics_json(summary)
     return {
-        "metrics": summary["metrics"],
-        "flat": flatten_metrics(summary["metrics"]),
+        "metrics": metrics,
+        "flat": flatten_metrics(metrics),
         "skipped": summary["skipped"],
         "missing": summary["missing"],
+        "deltas": deltas,
+        "below_references": summary["below_references"],
+        "modes": modes,
+        "provenance": summary["provenance"],
         "table": main_table_markdown(summary),
         "paths": paths,
         "seconds": seconds,
@@ -103,6 +172,9 @@ def log_to_mlflow(result: dict[str, Any], experiment: str, run_name: str = "eval
     with mlflow.start_run(run_name=run_name) as run:
         # MLflow metric names allow only [A-Za-z0-9_\-. /].
         mlflow.log_metrics({re.sub(r"[^A-Za-z0-9_\-. /]", "_", k): v for k, v in result["flat"].items()})
+        prov = result.get("provenance", {})
+        tags = {"git_sha": prov.get("code", {}).get("git_sha"), "params_hash": prov.get("params", {}).get("hash")}
+        mlflow.set_tags({k: v for k, v in tags.items() if v})
         paths = result["paths"]
         for key in ("html", "markdown", "metrics", "results"):
             mlflow.log_artifact(paths[key], artifact_path="eval")
@@ -116,7 +188,8 @@ def run_evaluation(
     """The stage as the CLI / DVC / KFP run it: every saved variant on the validated data, report, MLflow.
 
     Args:
-        cfg: the whole config; uses ``eval`` (and ``validation.out_dir`` as the default data folder).
+        cfg: the whole config; uses ``eval`` (and ``validation.out_dir`` as the default data folder); the whole
+            config is hashed into the report's provenance.
         data_dir: dataset folder; default ``cfg.validation.out_dir``.
         out_dir: report folder; default ``cfg.eval.out_dir``.
         progress: progress bars.
@@ -126,7 +199,16 @@ def run_evaluation(
     """
     variants, missing = collect_variants(cfg.eval)
     data_dir = data_dir or cfg.validation.out_dir
-    result = evaluate(cfg.eval, variants, data_dir, out_dir, progress=progress, missing=missing)
+    result = evaluate(
+        cfg.eval,
+        variants,
+        data_dir,
+        out_dir,
+        progress=progress,
+        missing=missing,
+        params=cfg.to_dict(),
+        source=cfg.data.source,
+    )
     if cfg.eval.mlflow_experiment:
         result["mlflow_run_id"] = log_to_mlflow(result, cfg.eval.mlflow_experiment)
     return result

@@ -6,14 +6,18 @@ batch of scores, never a full (queries x gallery) matrix.
 
 **Rank convention (one definition for evaluation and for the RL reward).** The rank of the positive is::
 
-    rank = 1 + #{j != pos : s_j >= s_pos}
+    rank = 1 + #{j != pos : s_j >= s_pos - TIE_TOLERANCE}
 
-so a tie counts *against* the query: a gallery item with exactly the positive's score ranks ahead of it. A
-collapsed model (every score equal) therefore gets the worst rank, not the best, and cannot game Recall@K or a
-rank-based reward with ties. :func:`rank_of_positive` is that definition on a score matrix (numpy or torch);
-:func:`positive_ranks` computes the same number at gallery scale. Scores compared with each other always come
-from one matrix-multiply kernel (FAISS's BLAS path is forced, see :func:`_blas_always`), so an exact duplicate of
-the positive in the gallery does produce an exact tie.
+so a tie counts *against* the query: a gallery item with the positive's score ranks ahead of it. A collapsed
+model (every score equal) therefore gets the worst rank, not the best, and cannot game Recall@K or a rank-based
+reward with ties. :func:`rank_of_positive` is that definition on a score matrix (numpy or torch);
+:func:`positive_ranks` computes the same number at gallery scale.
+
+Why a tolerance: one sgemm call does not give identical rows identical scores. OpenBLAS rounds a row's dot
+product differently depending on where the row falls in its blocking (measured: an exact copy of the positive
+scored 1.2e-7 above or below it, so the copy sometimes ranked behind it). Scores are cosines of unit vectors and
+the rounding measured ~1e-7 at dims 24..4096, so :data:`TIE_TOLERANCE` (1e-6) makes every exact duplicate tie,
+whichever kernel or block scored it, while two items a model really tells apart differ by far more.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ class SearchResult:
 
 
 def rank_of_positive(scores: Any, positives: Any) -> Any:
-    """Rank of each row's positive column: ``1 + #{j != pos : s_j >= s_pos}`` (ties count against the query).
+    """Rank of each row's positive column: ``1 + #{j != pos : s_j >= s_pos - TIE_TOLERANCE}`` (ties count
+    against the query).
 
     Args:
         scores: (n_queries, n_items) similarity matrix, numpy array or torch tensor.
@@ -65,14 +70,14 @@ def rank_of_positive(scores: Any, positives: Any) -> Any:
         if torch.isnan(s_pos).any():
             raise ValueError(f"NaN score for the positive of row(s) {torch.nonzero(torch.isnan(s_pos)).flatten()}")
         # The positive compares >= to itself, so the count already includes the leading "1 +".
-        return (scores >= s_pos[:, None]).sum(dim=1)
+        return (scores >= s_pos[:, None] - TIE_TOLERANCE).sum(dim=1)
     scores = np.asarray(scores)
     positives = np.asarray(positives, dtype=np.int64)
     _check_positives(positives, scores.shape)
     s_pos = scores[np.arange(scores.shape[0]), positives]
     if np.isnan(s_pos).any():
         raise ValueError(f"NaN score for the positive of row(s) {np.flatnonzero(np.isnan(s_pos)).tolist()}")
-    return (scores >= s_pos[:, None]).sum(axis=1).astype(np.int64)
+    return (scores >= s_pos[:, None] - TIE_TOLERANCE).sum(axis=1).astype(np.int64)
 
 
 def _check_positives(positives: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -85,6 +90,9 @@ def _check_positives(positives: np.ndarray, shape: tuple[int, ...]) -> None:
         raise ValueError(f"positive out of range [0, {shape[1]}) for query row(s) {bad[:10].tolist()}")
 
 
+# Scores closer than this to the positive's count as ties (against the query); see the module docstring.
+TIE_TOLERANCE = 1e-6
+
 # Gallery rows per FAISS sgemm block. FAISS's default (1024) makes thin matrix products; 4096 cut the CPU time
 # of a 4096 x 200k x 256 search by ~25 % on the 2-core dev machine (bench/bench_search.py) for a 64 MB block.
 FAISS_DATABASE_BLOCK = 4096
@@ -95,8 +103,8 @@ def _blas_always() -> Iterator[None]:
     """Make FAISS use its sgemm path for every batch size, with larger gallery blocks.
 
     Below ``distance_compute_blas_threshold`` FAISS switches to a SIMD dot-product loop whose rounding differs
-    from sgemm's, so two equal items could score differently depending on the batch size. One kernel keeps
-    exact ties exact. The previous global settings are restored on exit.
+    from sgemm's by more than the rounding :data:`TIE_TOLERANCE` absorbs within one kernel, so two equal items
+    could score differently depending on the batch size. The previous global settings are restored on exit.
     """
     previous = faiss.cvar.distance_compute_blas_threshold, faiss.cvar.distance_compute_blas_database_bs
     faiss.cvar.distance_compute_blas_threshold = 0
@@ -207,9 +215,9 @@ def positive_ranks(
     found = hit.any(axis=1)
     # The positive's score from the same sgemm call as its neighbours' (bitwise comparable).
     s_pos = np.where(found, np.where(hit, scores, -np.inf).max(axis=1), -np.inf)
-    settled = found & ((s_pos > scores[:, -1]) | (k == len(gallery)))
+    settled = found & ((s_pos - TIE_TOLERANCE > scores[:, -1]) | (k == len(gallery)))
     ranks = np.zeros(len(queries), dtype=np.int64)
-    others_ahead = ((scores >= s_pos[:, None]) & ~hit).sum(axis=1)
+    others_ahead = ((scores >= s_pos[:, None] - TIE_TOLERANCE) & ~hit).sum(axis=1)
     ranks[settled] = 1 + others_ahead[settled]
     todo = np.flatnonzero(~settled)
     if todo.size:
@@ -225,7 +233,7 @@ def _count_ranks(
     chunk_size: int,
     progress: bool,
 ) -> np.ndarray:
-    """Exact ranks by a full scan: ``1 + #{j != pos : s_j >= s_pos}``, block by block."""
+    """Exact ranks by a full scan: ``1 + #{j != pos : s_j >= s_pos - TIE_TOLERANCE}``, block by block."""
     ranks = np.ones(len(queries), dtype=np.int64)
     batch_size = min(batch_size, 1024)  # bounds the (batch x chunk) score block to ~150 MB
     starts = range(0, len(queries), batch_size)
@@ -237,11 +245,11 @@ def _count_ranks(
         for c0 in range(0, len(gallery), chunk_size):
             chunk = gallery[c0 : c0 + chunk_size]
             # Positives ride along as extra columns, so s_pos comes from the very sgemm call that scores
-            # this chunk: an exact duplicate of the positive ties exactly.
+            # this chunk: an exact duplicate of the positive ties (within TIE_TOLERANCE).
             block = q @ np.concatenate([chunk, pos_rows]).T
             s_pos = block[rows, len(chunk) + rows]
-            ahead = (block[:, : len(chunk)] >= s_pos[:, None]).sum(axis=1)
+            ahead = (block[:, : len(chunk)] >= s_pos[:, None] - TIE_TOLERANCE).sum(axis=1)
             inside = (pos >= c0) & (pos < c0 + len(chunk))
-            ahead[inside] -= block[rows[inside], pos[inside] - c0] >= s_pos[inside]
+            ahead[inside] -= block[rows[inside], pos[inside] - c0] >= s_pos[inside] - TIE_TOLERANCE
             ranks[start : start + len(q)] += ahead
     return ranks

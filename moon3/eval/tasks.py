@@ -1,55 +1,77 @@
-"""The MBE3.0-style tasks (method.md section 6) over a dataset folder, written against an abstract embedder.
+"""The MBE3.0-style tasks (method.md section 6) over a dataset's eval split, written against an abstract embedder.
 
 An embedder is any ``embed_fn(items) -> array`` that maps a list of ``{"image": PIL.Image | None, "text": str |
 None}`` dicts to an (n, dim) array (numpy or torch) of unit-norm rows. The tasks never see a model; the stage
-function in :mod:`moon3.eval.evaluate` passes one embedder per model variant.
+function in :mod:`moon3.eval.evaluate` passes one embedder per variant. A non-learned reference declares
+``modalities`` (a subset of ``{"image", "text"}``) and compares like with like only; a task whose two sides
+share none of its modalities is skipped with the reason rather than scored as a miss.
 
-Rows become items through :mod:`moon3.model.items`, the same code training and serving use.
+Rows become items through :mod:`moon3.model.items`, the same code training and serving use. Product views:
 
-Tasks, all on the ``eval`` split:
+- *gallery*: image + title + attributes, as training sees a product;
+- *image + title*: the attribute task's input, which must not contain the attribute string it asks about;
+- *image*: the picture alone (intra-product retrieval and the image-only classification tasks);
+- *text*: title + attributes alone (intra-product retrieval).
 
-- retrieval ``text_to_mm`` / ``image_to_mm`` / ``mm_to_mm``: queries of that ``query_type`` against the gallery
-  of eval products embedded as image + title; the positive is ``positive_product_id``.
-- retrieval ``text_to_image`` / ``image_to_text``: intra-product, a product's text (title and attributes, as
-  :func:`moon3.model.items.product_text` builds it for training) against the images of all eval products (and
-  the reverse); the positive is the same product. Products without a text or an image sit these two out.
-- classification ``level_N``: the product embedding against the category names of level N (every name used at
-  that level anywhere in the catalog), argmax wins; level 1 also keeps its confusion matrix.
-- attributes ``<type>``: the product embedding against ``"<type>: <value>"`` for every value of that type in the
-  catalog; products without that attribute sit it out. A type with a single value is skipped (nothing to tell).
+Tasks, all on the eval split:
 
-A task with nothing to measure (no image queries, say) comes back with ``skipped`` set to the reason instead of
-metrics; it never raises and never produces NaN.
+- ``retrieval``: ``text_to_mm`` / ``image_to_mm`` / ``mm_to_mm`` (queries of that type against the gallery; the
+  positive is ``positive_product_id``) and ``text_to_image`` / ``image_to_text`` (a product's text view against
+  the image views of all eval products that have both, and the reverse; the positive is the same product).
+- ``classification`` / ``classification_image``: gallery view / image view against the category names of each
+  level (every name used at that level in the catalog), argmax wins; level 1 keeps its confusion matrix. A
+  level with a single name in the catalog is skipped: there is nothing to tell apart.
+- ``attributes`` / ``attributes_image``: image + title view / image view against ``attribute_text(type,
+  value)`` for every value of that type in the catalog; products without that attribute sit it out.
+
+A task with nothing to measure comes back with ``skipped`` set to the reason instead of metrics; it never raises
+and never produces NaN. Every task that ran keeps its per-query / per-item outcomes in ``details["per_item"]``
+(ranks and top-5 rows; correctness), so variants can be compared pairwise on the same queries and items.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from moon3.data.schema import read_dataset
 from moon3.eval.config import EvalConfig
-from moon3.eval.metrics import classification_metrics, recall_curve, retrieval_metrics
+from moon3.eval.data import QUERY_TASKS, EvalData
+from moon3.eval.metrics import classification_metrics, recall_curve, retrieval_metrics, zero_shot_predict
 from moon3.eval.search import positive_ranks
-from moon3.model.items import product_item, product_text, query_item
+from moon3.model.items import attribute_text, product_item, product_text, query_item
 
 EmbedFn = Callable[[list[dict[str, Any]]], Any]
 
 RETRIEVAL = "retrieval"
 CLASSIFICATION = "classification"
+CLASSIFICATION_IMAGE = "classification_image"
 ATTRIBUTES = "attributes"
-QUERY_TASKS = {"text": "text_to_mm", "image": "image_to_mm", "multimodal": "mm_to_mm"}
+ATTRIBUTES_IMAGE = "attributes_image"
+KINDS = (RETRIEVAL, CLASSIFICATION, CLASSIFICATION_IMAGE, ATTRIBUTES, ATTRIBUTES_IMAGE)
+CLASSIFICATION_KINDS = KINDS[1:]
 INTRA_TASKS = ("text_to_image", "image_to_text")
 RETRIEVAL_TASKS = (*QUERY_TASKS.values(), *INTRA_TASKS)
+TOP_KEPT = 5  # neighbours kept per query for the qualitative examples
 
-
-# --- data -------------------------------------------------------------------------------------------------
+IMAGE, TEXT = "image", "text"
+BOTH = frozenset({IMAGE, TEXT})
+# What each side of a task shows the embedder: (queries or items, gallery or class texts).
+SIDES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "text_to_mm": (frozenset({TEXT}), BOTH),
+    "image_to_mm": (frozenset({IMAGE}), BOTH),
+    "mm_to_mm": (BOTH, BOTH),
+    "text_to_image": (frozenset({TEXT}), frozenset({IMAGE})),
+    "image_to_text": (frozenset({IMAGE}), frozenset({TEXT})),
+    CLASSIFICATION: (BOTH, frozenset({TEXT})),
+    CLASSIFICATION_IMAGE: (frozenset({IMAGE}), frozenset({TEXT})),
+    ATTRIBUTES: (BOTH, frozenset({TEXT})),
+    ATTRIBUTES_IMAGE: (frozenset({IMAGE}), frozenset({TEXT})),
+}
 
 
 @dataclass
@@ -57,11 +79,13 @@ class TaskResult:
     """One task of one variant: metrics, or the reason it was skipped.
 
     Attributes:
-        kind: ``retrieval``, ``classification`` or ``attributes``.
+        kind: one of :data:`KINDS`.
         name: e.g. ``text_to_mm``, ``level_1``, ``color``.
         metrics: numbers (``recall_at_K``, ``mrr``, ``accuracy``, ``macro_f1``, ``n``); ``None`` when skipped.
         skipped: why there is nothing to measure; ``None`` when it ran.
-        details: plot data (``curve``: {K: recall}) and the level-1 confusion matrix with its ``labels``.
+        details: plot data (``curve``: {K: recall}, ``gallery_size``), ``labels`` and the level-1 ``confusion``,
+            and ``per_item`` (numpy arrays, in memory only): ``rank`` and ``top`` rows per query for retrieval,
+            ``correct`` and ``row`` (product row) per item for classification.
     """
 
     kind: str
@@ -74,88 +98,6 @@ class TaskResult:
     def key(self) -> str:
         """``kind/name``."""
         return f"{self.kind}/{self.name}"
-
-
-@dataclass
-class EvalData:
-    """The eval split of a dataset, indexed for the tasks.
-
-    Attributes:
-        root: dataset folder (images are relative to it).
-        products: eval-split products; their row order is the gallery order.
-        queries: eval-split queries per query type (capped at ``max_queries_per_task``).
-        positives: per query type, each query's gallery row.
-        categories: per level (1-based), the category names of that level across the whole catalog.
-        attributes: per attribute type, its values across the whole catalog.
-    """
-
-    root: Path
-    products: pd.DataFrame
-    queries: dict[str, pd.DataFrame]
-    positives: dict[str, np.ndarray]
-    categories: dict[int, list[str]]
-    attributes: dict[str, list[str]]
-
-
-def _cap(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
-    if limit <= 0 or len(frame) <= limit:
-        return frame
-    keep = np.sort(np.random.default_rng(seed).choice(len(frame), size=limit, replace=False))
-    return frame.iloc[keep].reset_index(drop=True)
-
-
-def load_eval_data(data_dir: str | Path, cfg: EvalConfig) -> EvalData:
-    """Read a dataset folder and index its eval split for the tasks.
-
-    With ``cfg.max_products`` the gallery is a seeded sample of the eval products and only the queries of
-    sampled products are kept; ``cfg.max_queries_per_task`` then samples queries per type.
-
-    Raises:
-        ValueError: no eval products, an unknown query type, or eval queries whose positive is not an eval
-            product (the message names the query ids).
-    """
-    root = Path(data_dir)
-    all_products, all_queries = read_dataset(root)
-    products = all_products[all_products["split"] == "eval"].reset_index(drop=True)
-    if products.empty:
-        raise ValueError(f"{root}: no products with split == 'eval'; nothing to evaluate against")
-    queries = all_queries[all_queries["split"] == "eval"].reset_index(drop=True)
-    unknown_types = sorted(set(queries["query_type"]) - set(QUERY_TASKS))
-    if unknown_types:
-        bad = queries.loc[queries["query_type"].isin(unknown_types), "query_id"].head(5).tolist()
-        raise ValueError(f"{root}: query_type {unknown_types} is not one of {list(QUERY_TASKS)}, e.g. {bad}")
-    position = {pid: i for i, pid in enumerate(products["product_id"])}
-    known = queries["positive_product_id"].isin(position)
-    if not known.all():
-        bad = queries.loc[~known, "query_id"].head(5).tolist()
-        raise ValueError(
-            f"{root}: {int((~known).sum())} eval queries point at products outside the eval split, e.g. {bad}"
-        )
-    if 0 < cfg.max_products < len(products):
-        products = _cap(products, cfg.max_products, cfg.seed)
-        queries = queries[queries["positive_product_id"].isin(set(products["product_id"]))].reset_index(drop=True)
-        position = {pid: i for i, pid in enumerate(products["product_id"])}
-    by_type, positives = {}, {}
-    for qtype in QUERY_TASKS:
-        frame = _cap(queries[queries["query_type"] == qtype].reset_index(drop=True), cfg.max_queries_per_task, cfg.seed)
-        by_type[qtype] = frame
-        positives[qtype] = frame["positive_product_id"].map(position).to_numpy(dtype=np.int64)
-    categories: dict[int, list[str]] = {}
-    for path in all_products["category_path"]:
-        for level, name in enumerate(path or [], start=1):
-            categories.setdefault(level, set()).add(name)  # type: ignore[arg-type]
-    attributes: dict[str, set[str]] = {}
-    for attrs in all_products["attributes"]:
-        for key, value in (attrs or {}).items():
-            attributes.setdefault(key, set()).add(value)
-    return EvalData(
-        root=root,
-        products=products,
-        queries=by_type,
-        positives=positives,
-        categories={level: sorted(names) for level, names in sorted(categories.items())},
-        attributes={key: sorted(values) for key, values in sorted(attributes.items())},
-    )
 
 
 # --- embedding --------------------------------------------------------------------------------------------
@@ -205,26 +147,87 @@ def embed_rows(
 
 
 def embed_texts(embed_fn: EmbedFn, texts: Sequence[str], what: str) -> np.ndarray:
-    """Embed plain texts (class names, ``"type: value"`` strings)."""
+    """Embed plain texts (category names, ``"type: value"`` label prompts)."""
     items = [{"image": None, "text": t} for t in texts]
     return check_embeddings(embed_fn(items), len(items), what)
+
+
+def blind_spot(embed_fn: EmbedFn, sides: tuple[frozenset[str], frozenset[str]]) -> str | None:
+    """Why ``embed_fn`` cannot compare the two sides of a task, or None.
+
+    An embedder without ``modalities`` is a joint model: it compares any side with any other. One that declares
+    ``modalities`` (a non-learned reference) compares like with like only, so both sides must show a modality
+    it reads.
+    """
+    seen = getattr(embed_fn, "modalities", None)
+    if seen is None or sides[0] & sides[1] & frozenset(seen):
+        return None
+    return f"reads only {'+'.join(sorted(seen))} and compares like with like: the two sides share no such modality"
+
+
+def _has_image(row: dict[str, Any]) -> bool:
+    return isinstance(row.get("image"), str) and bool(row["image"].strip())
+
+
+def view_rows(products: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """``(image_rows, text_rows)``: the product rows that have an image, and those that have a text."""
+    records = products.to_dict("records")
+    image_rows = np.array([i for i, r in enumerate(records) if _has_image(r)], dtype=np.int64)
+    text_rows = np.array([i for i, r in enumerate(records) if product_text(r)], dtype=np.int64)
+    return image_rows, text_rows
+
+
+class ProductViews:
+    """Embeddings of the eval products in each view, computed on first use (a variant that skips every task
+    of a view never embeds it)."""
+
+    def __init__(self, data: EvalData, embed_fn: EmbedFn, cfg: EvalConfig, variant: str, progress: bool):
+        self.data, self.embed_fn, self.cfg, self.variant, self.progress = data, embed_fn, cfg, variant, progress
+        self.image_rows, self.text_rows = view_rows(data.products)
+        self._cache: dict[str, np.ndarray] = {}
+        self._texts: dict[tuple[str, ...], np.ndarray] = {}
+
+    def get(self, view: str) -> np.ndarray:
+        """Embeddings of view ``gallery`` / ``image_title`` (every product) or ``image`` / ``text`` (the products
+        in :attr:`image_rows` / :attr:`text_rows`, in that order)."""
+        if view not in self._cache:
+            root, products = self.data.root, self.data.products
+            to_item, rows = {
+                "gallery": (lambda r: product_item(r, root), None),
+                "image_title": (lambda r: product_item(r, root, attributes=False), None),
+                "image": (lambda r: product_item(r, root, title=False, attributes=False), self.image_rows),
+                "text": (lambda r: {"image": None, "text": product_text(r)}, self.text_rows),
+            }[view]
+            frame = products if rows is None else products.iloc[rows]
+            what = f"{self.variant} products ({view.replace('_', ' + ')} view)"
+            self._cache[view] = embed_rows(self.embed_fn, frame, to_item, self.cfg.embed_chunk, what, self.progress)
+        return self._cache[view]
+
+    def texts(self, texts: list[str], what: str) -> np.ndarray:
+        """Embeddings of label texts, cached (both views of a classification task share them)."""
+        key = tuple(texts)
+        if key not in self._texts:
+            self._texts[key] = embed_texts(self.embed_fn, texts, f"{self.variant} {what}")
+        return self._texts[key]
 
 
 # --- tasks ------------------------------------------------------------------------------------------------
 
 
 def _retrieval(
-    name: str, queries: np.ndarray, gallery: np.ndarray, positives: np.ndarray, cfg: EvalConfig, skip_reason: str
+    name: str, queries: np.ndarray, gallery: np.ndarray, positives: np.ndarray, cfg: EvalConfig
 ) -> TaskResult:
-    if len(queries) == 0:
-        return TaskResult(RETRIEVAL, name, None, skipped=skip_reason)
-    ks = sorted(set(cfg.ks) | set(cfg.curve_ks))
+    ks = sorted(set(cfg.ks) | set(cfg.curve_ks) | {TOP_KEPT})
     result = positive_ranks(queries, gallery, positives, k=max(ks), batch_size=cfg.search_batch)
     return TaskResult(
         RETRIEVAL,
         name,
         retrieval_metrics(result.ranks, cfg.ks),
-        details={"curve": recall_curve(result.ranks, cfg.curve_ks), "gallery_size": len(gallery)},
+        details={
+            "curve": recall_curve(result.ranks, cfg.curve_ks),
+            "gallery_size": len(gallery),
+            "per_item": {"rank": result.ranks, "top": result.indices[:, :TOP_KEPT]},
+        },
     )
 
 
@@ -234,77 +237,125 @@ def run_tasks(
     """Run every task for one embedder.
 
     Args:
-        data: from :func:`load_eval_data`.
-        embed_fn: the variant's embedder (unit-norm rows out).
-        cfg: cut-offs, batch sizes, text templates.
+        data: from :func:`moon3.eval.data.load_eval_data`.
+        embed_fn: the variant's embedder (unit-norm rows out; optional ``modalities``).
+        cfg: cut-offs, batch sizes, class template.
         progress: progress bars while embedding.
         variant: name used in progress bars and error messages.
 
     Returns:
-        One :class:`TaskResult` per task, retrieval first, then classification levels, then attribute types.
+        One :class:`TaskResult` per task in the order of :data:`KINDS`: retrieval, category levels (gallery
+        view, then image view), attribute types (image + title view, then image view).
     """
-    chunk, root = cfg.embed_chunk, data.root
-    products = data.products
-    mm = embed_rows(embed_fn, products, lambda r: product_item(r, root), chunk, f"{variant} products", progress)
+    views = ProductViews(data, embed_fn, cfg, variant, progress)
     results = []
     for qtype, task in QUERY_TASKS.items():
-        what = f"{variant} {qtype} queries"
-        q = embed_rows(embed_fn, data.queries[qtype], lambda r: query_item(r, root), chunk, what, progress)
-        results.append(_retrieval(task, q, mm, data.positives[qtype], cfg, f"no eval queries of type {qtype!r}"))
+        if (reason := blind_spot(embed_fn, SIDES[task])) is not None:
+            results.append(TaskResult(RETRIEVAL, task, None, skipped=reason))
+        elif data.queries[qtype].empty:
+            results.append(TaskResult(RETRIEVAL, task, None, skipped=f"no eval queries of type {qtype!r}"))
+        else:
+            what = f"{variant} {qtype} queries"
+            to_item = lambda r: query_item(r, data.root)  # noqa: E731
+            q = embed_rows(embed_fn, data.queries[qtype], to_item, cfg.embed_chunk, what, progress)
+            results.append(_retrieval(task, q, views.get("gallery"), data.positives[qtype], cfg))
 
-    # Intra-product: the text side alone against the image side alone, for products that have both.
-    has_both = [
-        bool(product_text(r)) and isinstance(r["image"], str) and bool(r["image"].strip())
-        for r in products.to_dict("records")
-    ]
-    both = products[has_both].reset_index(drop=True)
-    text_item = lambda r: {"image": None, "text": product_text(r)}  # noqa: E731
-    image_item = lambda r: {"image": product_item(r, root)["image"], "text": None}  # noqa: E731
-    texts = embed_rows(embed_fn, both, text_item, chunk, f"{variant} product texts", progress)
-    images = embed_rows(embed_fn, both, image_item, chunk, f"{variant} product images", progress)
-    same = np.arange(len(both), dtype=np.int64)
-    reason = "no eval product has both a text and an image"
-    results.append(_retrieval("text_to_image", texts, images, same, cfg, reason))
-    results.append(_retrieval("image_to_text", images, texts, same, cfg, reason))
+    # Intra-product: the text view against the image view, for the products that have both.
+    both = np.intersect1d(views.image_rows, views.text_rows)
+    for task, (query_view, gallery_view) in zip(INTRA_TASKS, (("text", "image"), ("image", "text")), strict=True):
+        if (reason := blind_spot(embed_fn, SIDES[task])) is not None:
+            results.append(TaskResult(RETRIEVAL, task, None, skipped=reason))
+        elif both.size == 0:
+            results.append(TaskResult(RETRIEVAL, task, None, skipped="no eval product has both a text and an image"))
+        else:
+            q = _rows_of(views, query_view, both)
+            g = _rows_of(views, gallery_view, both)
+            results.append(_retrieval(task, q, g, np.arange(len(both), dtype=np.int64), cfg))
 
-    for level, names in data.categories.items():
-        results.append(_classify_level(data, mm, level, names, embed_fn, cfg, variant))
-    for key, values in data.attributes.items():
-        results.append(_predict_attribute(data, mm, key, values, embed_fn, cfg, variant))
+    for kind, view in ((CLASSIFICATION, "gallery"), (CLASSIFICATION_IMAGE, "image")):
+        for level in data.categories:
+            results.append(_classify(data, views, kind, view, f"level_{level}", cfg))
+    for kind, view in ((ATTRIBUTES, "image_title"), (ATTRIBUTES_IMAGE, "image")):
+        for key in data.attributes:
+            results.append(_classify(data, views, kind, view, key, cfg))
     return results
 
 
-def _classify_level(
-    data: EvalData, mm: np.ndarray, level: int, names: list[str], embed_fn: EmbedFn, cfg: EvalConfig, variant: str
-) -> TaskResult:
-    name = f"level_{level}"
-    index = {n: i for i, n in enumerate(names)}
-    paths = data.products["category_path"]
-    rows = np.array([i for i, p in enumerate(paths) if p is not None and len(p) >= level], dtype=np.int64)
-    if rows.size == 0:
-        return TaskResult(CLASSIFICATION, name, None, skipped=f"no eval product has a level-{level} category")
-    y_true = np.array([index[paths.iloc[i][level - 1]] for i in rows], dtype=np.int64)
-    class_emb = embed_texts(
-        embed_fn, [cfg.class_template.format(name=n) for n in names], f"{variant} level-{level} category names"
+def _rows_of(views: ProductViews, view: str, rows: np.ndarray) -> np.ndarray:
+    """Embeddings of product ``rows`` in ``view`` (image and text views only hold some rows)."""
+    held = views.image_rows if view == "image" else views.text_rows if view == "text" else None
+    emb = views.get(view)
+    if held is None:
+        return emb[rows]
+    return emb[np.searchsorted(held, rows)]
+
+
+@dataclass
+class ClassificationTask:
+    """What a zero-shot classification task asks: which products, their true class, the class label texts.
+
+    Attributes:
+        rows: eval product rows scored (those with a label, and an image for the image-only kinds).
+        y_true: true class index of each scored row.
+        labels: class names, in index order.
+        prompts: the texts embedded for the classes.
+        skipped: why the task cannot be scored (then the other fields may be empty).
+    """
+
+    rows: np.ndarray
+    y_true: np.ndarray
+    labels: list[str]
+    prompts: list[str]
+    skipped: str | None = None
+
+
+def classification_task(data: EvalData, kind: str, name: str, cfg: EvalConfig) -> ClassificationTask:
+    """The items, truth and label prompts of one classification task (also used for chance and majority)."""
+    empty = np.zeros(0, dtype=np.int64)
+    if kind in (CLASSIFICATION, CLASSIFICATION_IMAGE):
+        level = int(name.rsplit("_", 1)[1])
+        labels = data.categories[level]
+        if len(labels) < 2:
+            reason = f"level {level} has a single value in the catalog ({labels[0]!r}): nothing to tell apart"
+            return ClassificationTask(empty, empty, labels, [], skipped=reason)
+        truth = [p[level - 1] if p is not None and len(p) >= level else None for p in data.products["category_path"]]
+        prompts = [cfg.class_template.format(name=n) for n in labels]
+        missing = f"no eval product has a level-{level} category"
+    else:
+        labels = data.attributes[name]
+        if len(labels) < 2:
+            reason = f"attribute {name!r} has a single value in the catalog ({labels[0]!r}): nothing to tell apart"
+            return ClassificationTask(empty, empty, labels, [], skipped=reason)
+        truth = [a.get(name) if a else None for a in data.products["attributes"]]
+        prompts = [attribute_text(name, v) for v in labels]
+        missing = f"no eval product has attribute {name!r}"
+    image_only = kind in (CLASSIFICATION_IMAGE, ATTRIBUTES_IMAGE)
+    has_image = [_has_image(r) for r in data.products.to_dict("records")] if image_only else None
+    rows = np.array(
+        [i for i, t in enumerate(truth) if t is not None and (has_image is None or has_image[i])], dtype=np.int64
     )
-    out = classification_metrics(mm[rows], class_emb, y_true, with_confusion=level == 1)
-    details = {"labels": names}
+    if rows.size == 0:
+        skipped = f"{missing} and an image" if image_only else missing
+        return ClassificationTask(empty, empty, labels, prompts, skipped=skipped)
+    index = {label: i for i, label in enumerate(labels)}
+    y_true = np.array([index[truth[i]] for i in rows], dtype=np.int64)
+    return ClassificationTask(rows, y_true, labels, prompts)
+
+
+def _classify(data: EvalData, views: ProductViews, kind: str, view: str, name: str, cfg: EvalConfig) -> TaskResult:
+    task = classification_task(data, kind, name, cfg)
+    if task.skipped is not None:
+        return TaskResult(kind, name, None, skipped=task.skipped)
+    if (reason := blind_spot(views.embed_fn, SIDES[kind])) is not None:
+        return TaskResult(kind, name, None, skipped=reason)
+    what = f"level-{name.rsplit('_', 1)[1]} category names" if kind.startswith(CLASSIFICATION) else f"{name!r} labels"
+    class_emb = views.texts(task.prompts, what)
+    items = _rows_of(views, view, task.rows)
+    level_1 = kind == CLASSIFICATION and name == "level_1"
+    out = classification_metrics(items, class_emb, task.y_true, with_confusion=level_1)
+    details: dict[str, Any] = {"labels": task.labels}
     if out is not None and "confusion" in out:
         details["confusion"] = out.pop("confusion")
-    return TaskResult(CLASSIFICATION, name, out, details=details)
-
-
-def _predict_attribute(
-    data: EvalData, mm: np.ndarray, key: str, values: list[str], embed_fn: EmbedFn, cfg: EvalConfig, variant: str
-) -> TaskResult:
-    if len(values) < 2:
-        return TaskResult(ATTRIBUTES, key, None, skipped=f"attribute {key!r} has a single value in the catalog")
-    index = {v: i for i, v in enumerate(values)}
-    attrs = data.products["attributes"]
-    rows = np.array([i for i, a in enumerate(attrs) if a and key in a], dtype=np.int64)
-    if rows.size == 0:
-        return TaskResult(ATTRIBUTES, key, None, skipped=f"no eval product has attribute {key!r}")
-    y_true = np.array([index[attrs.iloc[i][key]] for i in rows], dtype=np.int64)
-    texts = [cfg.attribute_template.format(type=key, value=v) for v in values]
-    value_emb = embed_texts(embed_fn, texts, f"{variant} attribute {key!r} values")
-    return TaskResult(ATTRIBUTES, key, classification_metrics(mm[rows], value_emb, y_true), details={"labels": values})
+    correct = zero_shot_predict(items, class_emb) == task.y_true
+    details["per_item"] = {"correct": correct, "row": task.rows}
+    return TaskResult(kind, name, out, details=details)

@@ -93,6 +93,9 @@ class EmbeddingContract:
     emb_token: str = EMB_TOKEN
     max_trace_tokens: int = 48
     reasoning: bool = True
+    # Honest reasoning flag (method.md section 1): whether any training stage taught the model to write traces
+    # (SFT on synthesized traces and/or RL). A model saved without them embeds with reasoning off by default.
+    trained_with_traces: bool = False
     readout: str = READOUT
     embed_dim: int = 256
     normalisation: str = NORMALISATION
@@ -107,6 +110,13 @@ class EmbeddingContract:
             reasoning=cfg.reasoning,
             embed_dim=cfg.embed_dim,
             image_size=cfg.image_size,
+        )
+
+    def with_training(self, trained_with_traces: bool) -> EmbeddingContract:
+        """The contract a trained model is saved under: a model never taught to write traces defaults to
+        reasoning off (forcing it on stays possible and is labelled as forced in reports)."""
+        return dataclasses.replace(
+            self, trained_with_traces=trained_with_traces, reasoning=self.reasoning and trained_with_traces
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +157,15 @@ def prompt_segments(contract: EmbeddingContract, has_image: bool, text: str | No
         segments.append((TEXT, text))
     segments.append((TEMPLATE, f"\n{contract.instruction}{IM_END}\n{IM_START}assistant\n"))
     return segments
+
+
+def reasoning_label(reasoning: bool, trained_with_traces: bool) -> str:
+    """How a report names an embedding mode: ``reasoning off``, ``reasoning on (generated)``, or ``reasoning on
+    (forced: model trained without traces)`` when the traces come from a model that was never taught to write
+    them."""
+    if not reasoning:
+        return "reasoning off"
+    return "reasoning on (generated)" if trained_with_traces else "reasoning on (forced: model trained without traces)"
 
 
 def split_trace(trace: str) -> tuple[str, bool]:

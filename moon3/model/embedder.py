@@ -16,8 +16,9 @@ Saved folder layout (self-contained)::
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,47 @@ class Moon3Output:
     label_mask: torch.Tensor | None = None
 
 
+@dataclass
+class TraceStats:
+    """Running counts over generated traces: how many closed themselves with ``</think>``, their length, time.
+
+    Attributes:
+        n: traces generated.
+        closed: traces that ended with ``</think>`` inside the budget (the rest were cut by it).
+        tokens: trace tokens in total (``</think>`` not counted).
+        seconds: wall time spent generating.
+        examples: the first few traces as token id lists (decode with the model's tokenizer).
+    """
+
+    n: int = 0
+    closed: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    examples: list[list[int]] = field(default_factory=list)
+
+    def add(self, traces: list[list[int]], end_id: int, seconds: float, keep: int = 8) -> None:
+        """Count a batch of traces as :meth:`Moon3Embedder.generate_traces` returns them with ``return_ids``."""
+        for ids in traces:
+            self.n += 1
+            closed = bool(ids) and ids[-1] == end_id
+            self.closed += int(closed)
+            self.tokens += len(ids) - int(closed)
+            if len(self.examples) < keep:
+                self.examples.append(list(ids))
+        self.seconds += seconds
+
+    def summary(self) -> dict[str, float]:
+        """``closure_rate``, ``mean_trace_tokens``, ``ms_per_trace`` and ``n`` (empty without traces)."""
+        if not self.n:
+            return {}
+        return {
+            "n": self.n,
+            "closure_rate": self.closed / self.n,
+            "mean_trace_tokens": self.tokens / self.n,
+            "ms_per_trace": 1000 * self.seconds / self.n,
+        }
+
+
 class Moon3Embedder(nn.Module):
     """Backbone + FIRE hooks + fusion head + projection, under one :class:`EmbeddingContract`.
 
@@ -87,10 +129,14 @@ class Moon3Embedder(nn.Module):
         if backbone.config.image_token_id != self.token_ids[C.IMAGE_PAD]:
             raise ContractError("backbone config image_token_id does not match the tokenizer's <|image_pad|>")
         hidden = backbone.config.text_config.hidden_size
+        # One seed per head, so switching one module off (an ablation) leaves the others' initial weights as
+        # they are in the full model.
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
             self.fusion = ModalityFusion(hidden, cfg.fusion_heads) if cfg.fusion else None
+            torch.manual_seed(cfg.seed + 1)
             self.fire = FIRE.for_backbone(backbone, cfg.fire_every, cfg.fire_vision_layer) if cfg.fire else None
+            torch.manual_seed(cfg.seed + 2)
             self.proj = nn.Linear(hidden, self.contract.embed_dim)
         if self.fire is not None:
             self.fire.attach(backbone)
@@ -120,8 +166,14 @@ class Moon3Embedder(nn.Module):
         """Weights of the moon3 heads (everything but the backbone)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write a self-contained folder: contract, heads, and the backbone with its processor."""
+    def save_pretrained(self, out_dir: str | Path, training: dict[str, Any] | None = None) -> Path:
+        """Write a self-contained folder: contract, heads, and the backbone with its processor.
+
+        Args:
+            out_dir: the folder.
+            training: what produced the weights (stage, steps, data, switches), kept in ``moon3_config.json``
+                under ``training`` for reports and lineage.
+        """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         with quiet_hf():
@@ -130,6 +182,8 @@ class Moon3Embedder(nn.Module):
         heads = {k: v.detach().contiguous().cpu() for k, v in self.heads_state_dict().items()}
         save_file(heads, out_dir / HEADS_FILE, metadata={"contract_version": self.contract.version})
         extra = {"model": dataclasses.asdict(self.cfg), "backbone_type": self.backbone.config.model_type}
+        if training is not None:
+            extra["training"] = training
         C.save_contract(out_dir, self.contract, extra)
         return out_dir
 
@@ -408,7 +462,12 @@ class Moon3Embedder(nn.Module):
 
     @torch.no_grad()
     def embed(
-        self, items: list[Item], reasoning: bool | None = None, batch_size: int = 32, progress: bool = False
+        self,
+        items: list[Item],
+        reasoning: bool | None = None,
+        batch_size: int = 32,
+        progress: bool = False,
+        trace_stats: TraceStats | None = None,
     ) -> torch.Tensor:
         """Embeddings of ``items`` for inference: (N, embed_dim) float32, L2-normalised, on the CPU.
 
@@ -417,6 +476,7 @@ class Moon3Embedder(nn.Module):
             reasoning: write a trace first (default: the contract's ``reasoning``); off = direct embedding.
             batch_size: items per forward.
             progress: show a progress bar.
+            trace_stats: with reasoning on, accumulates closure, length and time of the generated traces.
         """
         reasoning = self.contract.reasoning if reasoning is None else reasoning
         check_items(items)
@@ -427,7 +487,12 @@ class Moon3Embedder(nn.Module):
             for start in tqdm(range(0, len(items), batch_size), disable=not progress, desc="embed", unit="batch"):
                 chunk = items[start : start + batch_size]
                 # The generated ids themselves, not their re-tokenized text: exactly what the model wrote.
-                traces = self.generate_traces(chunk, return_ids=True) if reasoning else None
+                traces = None
+                if reasoning:
+                    started = time.perf_counter()
+                    traces = self.generate_traces(chunk, return_ids=True)
+                    if trace_stats is not None:
+                        trace_stats.add(traces, self.token_ids[C.THINK_END], time.perf_counter() - started)
                 # Generated traces are inputs here, not targets: no labels, no trace loss.
                 batch = self.prepare_batch(chunk, traces)
                 batch["labels"] = None

@@ -7,7 +7,11 @@ only::
 
     h_l <- h_l + tanh(alpha_l) * MLP_l(LN(F))
 
-``alpha_l`` starts at 0, so with FIRE attached a pretrained backbone computes exactly what it did before.
+Initialisation (method.md section 3, amended after measuring): the last linear layer of each ``MLP_l`` is
+zero and ``alpha_l`` starts at 1, so with FIRE attached a pretrained backbone still computes exactly what it
+did before, yet both the MLP (through ``tanh(1)``) and the gate (through the MLP's output, once it moves)
+receive gradient. With ``alpha_l = 0`` and a random MLP the gate never opened: tanh(alpha) was -0.0004 after
+150 steps. :meth:`FIRE.gate_values` reports ``tanh(alpha_l)`` for training logs.
 
 Hooks, not a fork: a pre-hook on the inner model notes where the image tokens are in this call, a hook on
 the vision block captures ``F``, and hooks on the decoder layers add the residual. During cached generation
@@ -57,7 +61,10 @@ class FIRE(nn.Module):
         self.mlps = nn.ModuleList(
             nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden)) for _ in self.layers
         )
-        self.alpha = nn.Parameter(torch.zeros(len(self.layers)))
+        for mlp in self.mlps:
+            nn.init.zeros_(mlp[-1].weight)
+            nn.init.zeros_(mlp[-1].bias)
+        self.alpha = nn.Parameter(torch.ones(len(self.layers)))
         self._handles: list = []
         self._image_mask: torch.Tensor | None = None
         self._fine: torch.Tensor | None = None
@@ -79,6 +86,10 @@ class FIRE(nn.Module):
         chosen = list(range(every - 1, len(layers), every)) or [len(layers) - 1]
         hidden = backbone.config.text_config.hidden_size
         return cls(vision_width(visual), visual.spatial_merge_size**2, hidden, chosen, vision_layer)
+
+    def gate_values(self) -> list[float]:
+        """``tanh(alpha_l)`` per FIRE layer: how open each injection gate is."""
+        return torch.tanh(self.alpha.detach().float()).tolist()
 
     @property
     def attached(self) -> bool:

@@ -1,8 +1,12 @@
 """Turning dataset rows into model items: the one place training, evaluation and serving share for it.
 
 An *item* is ``{"image": PIL.Image | None, "text": str | None}``. A product's text is its title followed by
-its attributes (``color: red; size: small``, sorted by attribute type so the text is stable); a query's text
+its attributes, one ``type: value`` line each (sorted by attribute type so the text is stable); a query's text
 is its query text.
+
+One line per attribute, not ``a: x; b: y``: a byte-level BPE tokenizes ``color: red`` at the start of a line
+exactly as at the start of a text, so a zero-shot label prompt (:func:`attribute_text`) is the same token
+sequence as that attribute inside a product input.
 """
 
 from __future__ import annotations
@@ -28,14 +32,26 @@ def _present(value: Any) -> bool:
     return not (isinstance(value, str) and not value.strip())
 
 
-def product_text(row: Mapping[str, Any]) -> str:
-    """Title and attributes of a product row as one text (empty string if it has neither)."""
+def attribute_text(key: str, value: Any) -> str:
+    """One attribute as the product input writes it (also the zero-shot label prompt of that attribute)."""
+    return f"{key}: {value}"
+
+
+def product_text(row: Mapping[str, Any], title: bool = True, attributes: bool = True) -> str:
+    """Title and attributes of a product row as one text (empty string if it has neither).
+
+    Args:
+        row: a ``products`` row.
+        title: include the title.
+        attributes: include the attribute lines (the zero-shot attribute task leaves them out, or it would
+            measure string matching).
+    """
     parts = []
-    if _present(row.get("title")):
+    if title and _present(row.get("title")):
         parts.append(str(row["title"]).strip())
     attrs = row.get("attributes")
-    if isinstance(attrs, Mapping) and attrs:
-        parts.append("; ".join(f"{k}: {v}" for k, v in sorted(attrs.items()) if _present(v)))
+    if attributes and isinstance(attrs, Mapping) and attrs:
+        parts += [attribute_text(k, v) for k, v in sorted(attrs.items()) if _present(v)]
     return "\n".join(p for p in parts if p)
 
 
@@ -48,18 +64,33 @@ def _image(uri: Any, root: str | Path | None, where: str) -> Image.Image | None:
         raise ValueError(f"{where}: cannot load image {uri!r}: {err}") from err
 
 
-def product_item(row: Mapping[str, Any], root: str | Path | None, load_images: bool = True) -> Item:
+def product_item(
+    row: Mapping[str, Any],
+    root: str | Path | None,
+    load_images: bool = True,
+    image: bool = True,
+    title: bool = True,
+    attributes: bool = True,
+) -> Item:
     """Item of a ``products`` row; images are read relative to the dataset folder ``root``.
 
+    Args:
+        row: a ``products`` row.
+        root: the dataset folder (image paths are relative to it) or None for absolute paths / URIs.
+        load_images: read the image (False: only check that the row can become an item).
+        image, title, attributes: which parts of the product the item shows (evaluation views such as
+            image + title, or image only); training and the gallery use all three.
+
     Raises:
-        ValueError: the row has neither image nor text, or its image cannot be read (message names the id).
+        ValueError: the view has neither image nor text, or its image cannot be read (message names the id).
     """
     where = f"product {row.get('product_id')!r}"
-    text = product_text(row) or None
-    image = _image(row.get("image"), root, where) if load_images else None
-    if text is None and not _present(row.get("image")):
-        raise ValueError(f"{where}: has neither an image nor a title/attributes")
-    return {"image": image, "text": text}
+    text = product_text(row, title=title, attributes=attributes) or None
+    has_image = image and _present(row.get("image"))
+    picture = _image(row.get("image"), root, where) if (load_images and has_image) else None
+    if text is None and not has_image:
+        raise ValueError(f"{where}: has neither an image nor a title/attributes in this view")
+    return {"image": picture, "text": text}
 
 
 def query_item(row: Mapping[str, Any], root: str | Path | None, load_images: bool = True) -> Item:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
+from moon3.common.provenance import git_sha
 from moon3.config import Moon3Config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,19 +30,9 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def git_short_sha(repo: Path = REPO) -> str | None:
-    """``git rev-parse --short HEAD`` of ``repo``, or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def pipeline_version(repo: Path = REPO) -> str:
     """``<package version>+g<git short sha>`` (a PEP 440 local version), or the package version alone."""
-    sha = git_short_sha(repo)
+    sha = git_sha(repo)
     return f"{package_version()}+g{sha}" if sha else package_version()
 
 

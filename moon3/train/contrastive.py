@@ -76,12 +76,13 @@ class ContrastiveModel(nn.Module):
         self.temperature = LearnableTemperature(temperature_init)
 
     def forward(self, inputs: dict[str, Any], n_queries: int, positive_index: torch.Tensor,
-                product_ids: torch.Tensor, lambda_sft: float) -> dict[str, torch.Tensor]:  # fmt: skip
+                product_ids: torch.Tensor, lambda_sft: float,
+                relevant: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         out = self.embedder(inputs)
         queries = gather_with_grad(out.embeddings[:n_queries])
         products = gather_with_grad(out.embeddings[n_queries:])
         tau = self.temperature()
-        infonce = contrastive_loss(queries, products, positive_index, product_ids, tau)
+        infonce = contrastive_loss(queries, products, positive_index, product_ids, tau, relevant)
         loss = infonce
         if out.lm_loss is not None and lambda_sft > 0:
             loss = loss + lambda_sft * out.lm_loss
@@ -127,6 +128,7 @@ class BatchBuilder:
             "n_products": len(products),
             # A product's row is its identity: duplicates across ranks are masked by it in the loss.
             "product_codes": torch.as_tensor(batch.product_rows, dtype=torch.long),
+            "query_rows": torch.as_tensor(batch.query_rows, dtype=torch.long),
         }
 
 
@@ -160,7 +162,10 @@ def build_or_load_init(cfg: Moon3Config, data_dir: str | Path, out_dir: Path, di
     init_dir = out_dir / "init"
     if dist.is_main and not (init_dir / "moon3_config.json").exists():
         torch.manual_seed(cfg.model.seed)
-        Moon3Embedder.from_config(cfg.model, catalog_texts(data_dir)).save_pretrained(init_dir)
+        model = Moon3Embedder.from_config(cfg.model, catalog_texts(data_dir))
+        # Never trained to write traces: embeds with reasoning off (method.md section 1, honest reasoning flag).
+        model.contract = model.contract.with_training(trained_with_traces=False)
+        model.save_pretrained(init_dir, training=_training_record(cfg, data_dir, "init", 0, traces=False))
     if dist.world_size > 1:
         torch.distributed.barrier()
     return Moon3Embedder.from_pretrained(init_dir)
@@ -203,14 +208,14 @@ def train_contrastive(
     if tc.gradient_checkpointing:
         embedder.backbone.gradient_checkpointing_enable()
     data = PairData(data_dir, "train")
-    if not data.traces:
+    # Trace SFT only when traces exist and the model is to reason; otherwise the model is trained (and saved)
+    # as a direct embedder.
+    use_traces = bool(data.traces) and cfg.model.reasoning and tc.lambda_sft > 0
+    if not use_traces:
+        data.traces = {}
         _freeze_unused_lm_head(embedder)
     model = ContrastiveModel(embedder, tc.temperature_init).to(dist.device)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr
-    )
+    optimizer = torch.optim.AdamW(parameter_groups(model, tc))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, tc.steps))
 
     engine = None
@@ -242,7 +247,9 @@ def train_contrastive(
     from moon3.train.tracking import Tracker
 
     tracker = Tracker(dist.is_main, tc.mlflow_experiment, "pretrain", reports / "dvclive", cfg.to_dict(), run_id)
-    sampler = HardNegativeSampler(data, tc.batch_size, tc.hard_negatives_per_query, tc.seed, dist.world_size)
+    sampler = HardNegativeSampler(
+        data, tc.batch_size, tc.hard_negatives_per_query, tc.seed, dist.world_size, tc.hard_negative_mode
+    )
     builder = BatchBuilder(data, embedder.prepare_batch)
     end_step = tc.steps if max_steps is None else min(tc.steps, start_step + max_steps)
     loader = torch.utils.data.DataLoader(
@@ -267,12 +274,15 @@ def train_contrastive(
                 batch = next(batches)
                 inputs = _to_device(batch["inputs"], dist.device)
                 codes = gather_no_grad(batch["product_codes"].to(dist.device))
+                query_rows = gather_no_grad(batch["query_rows"].to(dist.device))
+                relevant = torch.as_tensor(data.relevant(query_rows.cpu().numpy(), codes.cpu().numpy()))
                 positive_index = _positive_index(batch["n_queries"], batch["n_products"], dist.world_size, dist.device)
                 sync = micro == tc.grad_accum - 1
                 is_ddp = isinstance(runner, nn.parallel.DistributedDataParallel)
                 ctx = runner.no_sync() if (is_ddp and not sync) else contextlib.nullcontext()
                 with ctx, autocast:
-                    parts = runner(inputs, batch["n_queries"], positive_index, codes, tc.lambda_sft)
+                    parts = runner(inputs, batch["n_queries"], positive_index, codes, tc.lambda_sft,
+                                   relevant.to(dist.device))  # fmt: skip
                 if engine is not None:
                     engine.backward(parts["loss"])
                     engine.step()
@@ -287,6 +297,7 @@ def train_contrastive(
                 optimizer.zero_grad(set_to_none=True)
             last = {k: float(v.detach()) for k, v in parts.items()}
             last["lr"] = scheduler.get_last_lr()[0]
+            last.update(module_gates(embedder))
             if dist.is_main and ((step + 1) % tc.log_every == 0 or step == start_step):
                 tracker.log_metrics(last, step + 1)
             bar.update(1)
@@ -305,6 +316,9 @@ def train_contrastive(
         "final_loss": last.get("loss", float("nan")),
         "final_infonce": last.get("infonce", float("nan")),
         "final_temperature": last.get("temperature", float("nan")),
+        "temperature_init": tc.temperature_init,
+        **{f"final_{k}": v for k, v in module_gates(embedder).items() if k.endswith("_mean")},
+        "trained_with_traces": use_traces,
         "pairs_per_second": pairs_done / max(elapsed, 1e-9),
         "world_size": dist.world_size,
     }
@@ -317,13 +331,70 @@ def train_contrastive(
             if start_step == 0:
                 summary["heldout_text_recall_at_10_init"] = recall_init
         final = out / "final"
-        embedder.save_pretrained(final)
+        if cfg.model.reasoning and not use_traces:
+            print("no reasoning traces were trained (none in the data): the model is saved with reasoning off")
+        embedder.contract = embedder.contract.with_training(trained_with_traces=use_traces)
+        record = _training_record(cfg, data_dir, "pretrain", end_step, traces=use_traces)
+        embedder.save_pretrained(final, training=record)
         reports.mkdir(parents=True, exist_ok=True)
         (reports / "train_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         tracker.log_summary({k: v for k, v in summary.items() if isinstance(v, int | float)})
         tracker.log_model_dir(final)
     tracker.close()
     return summary
+
+
+def parameter_groups(model: ContrastiveModel, tc) -> list[dict[str, Any]]:
+    """AdamW groups with their own learning rates (method.md section 4): the backbone, the moon3 heads (fusion,
+    FIRE, projection) and the log-temperature; biases, norms and FIRE's gates (1-D) get no weight decay."""
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("temperature."):
+            role = "temperature"
+        elif name.startswith("embedder.backbone."):
+            role = "backbone"
+        else:
+            role = "heads"
+        groups.setdefault((role, role != "temperature" and param.ndim >= 2), []).append(param)
+    lr = {"backbone": tc.lr, "heads": tc.lr_heads, "temperature": tc.lr_temperature}
+    return [
+        {"params": params, "lr": lr[role], "weight_decay": tc.weight_decay if decay else 0.0, "name": role}
+        for (role, decay), params in sorted(groups.items())
+    ]
+
+
+def module_gates(embedder: nn.Module) -> dict[str, float]:
+    """How open the MOON3 modules are: FIRE's ``tanh(alpha_l)`` (mean of absolute values and per layer) and the
+    fusion head's mean gates of the last batch (``<emb>`` state, image read-out, text read-out)."""
+    out: dict[str, float] = {}
+    fire = getattr(embedder, "fire", None)
+    if fire is not None:
+        gates = fire.gate_values()
+        out["fire_gate_abs_mean"] = sum(abs(g) for g in gates) / len(gates)
+        out.update({f"fire_gate_l{layer}": g for layer, g in zip(fire.layers, gates, strict=True)})
+    fusion = getattr(embedder, "fusion", None)
+    if fusion is not None and fusion.last_gates is not None:
+        mean = fusion.last_gates.float().mean(dim=0).tolist()
+        out.update({"fusion_gate_h_mean": mean[0], "fusion_gate_v_mean": mean[1], "fusion_gate_t_mean": mean[2]})
+    return out
+
+
+def _training_record(cfg: Moon3Config, data_dir: str | Path, stage: str, steps: int, traces: bool) -> dict:
+    """What produced a saved model, kept in its ``moon3_config.json`` for reports and lineage."""
+    return {
+        "stage": stage,
+        "steps": steps,
+        "traces": traces,
+        "seed": cfg.train.seed,
+        "data_dir": str(data_dir),
+        "ablation": cfg.train.ablation or None,
+        "switches": {"fusion": cfg.model.fusion, "fire": cfg.model.fire, "reasoning": cfg.model.reasoning},
+        "batch_size": cfg.train.batch_size,
+        "hard_negatives_per_query": cfg.train.hard_negatives_per_query,
+        "hard_negative_mode": cfg.train.hard_negative_mode,
+    }
 
 
 def _set_cpu_threads(tc, dist: DistInfo) -> None:

@@ -1,9 +1,16 @@
 """Training pairs and the batch sampler of contrastive pretraining.
 
-A batch is ``batch_size`` (query, positive product) pairs plus ``hard_negatives_per_query`` products of the
-same leaf category per query. Which pairs and negatives land in batch ``step`` is a pure function of
-``(seed, step)``, so a resumed run sees exactly the batches the uninterrupted run would have seen, and every
-data-parallel rank can take its own shard of the same global batch without communication.
+A batch is ``batch_size`` (query, positive product) pairs plus ``hard_negatives_per_query`` hard negatives per
+query. Which pairs and negatives land in batch ``step`` is a pure function of ``(seed, step)``, so a resumed
+run sees exactly the batches the uninterrupted run would have seen, and every data-parallel rank can take its
+own shard of the same global batch without communication.
+
+Hard negatives (method.md section 4) are products of the positive's leaf category that share as many of its
+attribute values as possible without being the same item (on mbe3-mini: same shape, colour and size, another
+logo, material or brand), so a batch cannot be separated by shortcuts alone. The rule reads only the
+catalog's own attribute keys, so it works on any catalog. A category-name query (``query_type: category``)
+is answered by every product under that category: its hard negatives come from sibling categories, and
+:meth:`PairData.relevant` tells the loss which in-batch products must not count as its negatives.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ class PairBatch:
     n_positives: int
 
 
+HARD_NEGATIVE_MODES = ("same_category", "attribute_matched", "mixed")
+
+
 class PairData:
     """Training queries with their positives, products indexed by category, and optional traces."""
 
@@ -40,10 +50,73 @@ class PairData:
             raise ValueError(f"{root}: {int((~known).sum())} {split} queries point at unknown products, e.g. {bad}")
         self.queries = queries.reset_index(drop=True)
         self.positive_rows = self.queries["positive_product_id"].map(position).to_numpy()
-        leaf = self.products["category_path"].map(lambda path: path[-1] if path else "")
-        self.category_rows = {name: np.flatnonzero(leaf.to_numpy() == name) for name in leaf.unique()}
-        self.leaf_of_product = leaf.to_numpy()
+        paths = [list(p) if p is not None else [] for p in self.products["category_path"]]
+        leaf = np.array([p[-1] if p else "" for p in paths], dtype=object)
+        self.category_rows = {name: np.flatnonzero(leaf == name) for name in dict.fromkeys(leaf)}
+        self.leaf_of_product = leaf
+        # (products, depth) category names, "" past a product's own depth.
+        depth = max((len(p) for p in paths), default=0)
+        self.path_names = np.array([p + [""] * (depth - len(p)) for p in paths], dtype=object).reshape(-1, depth)
+        self.attribute_codes = _attribute_codes(self.products["attributes"])
+        self.category_level = self._category_levels()
         self.traces = self._load_traces()
+
+    def _category_levels(self) -> np.ndarray:
+        """Per query: the level (0-based) at which a category query's text names its positive's category; -1
+        for every other query (and for a category query whose text is not on its positive's path)."""
+        levels = np.full(len(self.queries), -1, dtype=np.int64)
+        if "query_type" not in self.queries or self.path_names.shape[1] == 0:
+            return levels
+        is_category = (self.queries["query_type"] == "category").to_numpy()
+        texts = self.queries["query_text"].to_numpy()
+        for q in np.flatnonzero(is_category):
+            hits = np.flatnonzero(self.path_names[self.positive_rows[q]] == str(texts[q]).strip())
+            levels[q] = hits[0] if hits.size else -1
+        return levels
+
+    def relevant(self, query_rows: np.ndarray, product_rows: np.ndarray) -> np.ndarray:
+        """``(Q, P)`` bool: product ``product_rows[j]`` also answers query ``query_rows[i]`` (it sits under the
+        category a category query names). The query's own positive is left to the caller's identity mask."""
+        query_rows, product_rows = np.asarray(query_rows), np.asarray(product_rows)
+        out = np.zeros((len(query_rows), len(product_rows)), dtype=bool)
+        for i, q in enumerate(query_rows):
+            level = self.category_level[q]
+            if level >= 0:
+                name = self.path_names[self.positive_rows[q], level]
+                out[i] = self.path_names[product_rows, level] == name
+        return out
+
+    def hard_negative_pool(self, query_row: int, rng: np.random.Generator, mode: str = "same_category") -> np.ndarray:
+        """Candidate hard negatives of a query, best first (ties in random order).
+
+        Args:
+            query_row: the query.
+            rng: the step's generator.
+            mode: ``same_category`` (random products of the positive's leaf), ``attribute_matched`` (another
+                leaf, most attribute values shared) or ``mixed`` (either, with probability 1/2 each).
+        """
+        pos = self.positive_rows[query_row]
+        level = self.category_level[query_row]
+        if level >= 0:
+            # Outside the named category; siblings (same parent path) first, then the rest of the catalog.
+            names = self.path_names
+            outside = names[:, level] != names[pos, level]
+            sibling = outside & (names[:, :level] == names[pos, :level]).all(axis=1)
+            return np.concatenate(
+                [rng.permutation(np.flatnonzero(sibling)), rng.permutation(np.flatnonzero(outside & ~sibling))]
+            )
+        same_leaf = self.category_rows[self.leaf_of_product[pos]]
+        codes = self.attribute_codes
+        attribute_matched = mode == "attribute_matched" or (mode == "mixed" and rng.random() < 0.5)
+        if codes.shape[1] == 0 or not attribute_matched:
+            return rng.permutation(same_leaf)
+        # Another leaf category, as many shared attribute values as possible: only the category (the shape on
+        # mbe3-mini) tells it from the positive.
+        other = np.flatnonzero(self.leaf_of_product != self.leaf_of_product[pos])
+        known = codes[pos] >= 0
+        shared = ((codes[other] == codes[pos]) & known).sum(axis=1)
+        order = np.lexsort((rng.random(len(other)), -shared))
+        return other[order]
 
     def _load_traces(self) -> dict[str, str]:
         path = table_path(self.root, TRACES)
@@ -65,9 +138,21 @@ class HardNegativeSampler:
         hard_negatives: same-category products added per query (fewer if the category is small).
         seed: the sampler's seed.
         world_size: number of data-parallel ranks; the global batch is ``batch_size * world_size`` pairs.
+        mode: how hard negatives are chosen (:data:`HARD_NEGATIVE_MODES`, see :meth:`PairData.hard_negative_pool`).
     """
 
-    def __init__(self, data: PairData, batch_size: int, hard_negatives: int, seed: int, world_size: int = 1):
+    def __init__(
+        self,
+        data: PairData,
+        batch_size: int,
+        hard_negatives: int,
+        seed: int,
+        world_size: int = 1,
+        mode: str = "same_category",
+    ):
+        if mode not in HARD_NEGATIVE_MODES:
+            raise ValueError(f"train.hard_negative_mode: {mode!r} is not one of {', '.join(HARD_NEGATIVE_MODES)}")
+        self.mode = mode
         if len(data) < batch_size * world_size:
             raise ValueError(f"{len(data)} training queries, fewer than one global batch ({batch_size * world_size})")
         self.data = data
@@ -91,15 +176,18 @@ class HardNegativeSampler:
         taken = set(positives.tolist())
         negatives_per_rank: list[list[int]] = [[] for _ in range(self.world_size)]
         n_products = len(self.data.products)
-        for i, pos in enumerate(positives):
-            pool = self.data.category_rows[self.data.leaf_of_product[pos]]
+        for i, query in enumerate(queries):
+            if self.hard_negatives == 0:
+                break
+            pool = self.data.hard_negative_pool(int(query), rng, self.mode)
+            relevant = self.data.relevant(np.array([query]), np.arange(n_products))[0]
             picked = 0
-            # Same category first; a too-small category is topped up from the whole catalog so every rank
-            # holds the same number of products (all_gather needs equal shapes).
-            for candidate in np.concatenate([rng.permutation(pool), rng.permutation(n_products)]):
+            # The pool first; a too-small pool is topped up from the whole catalog so every rank holds the same
+            # number of products (all_gather needs equal shapes).
+            for candidate in np.concatenate([pool, rng.permutation(n_products)]):
                 if picked == self.hard_negatives:
                     break
-                if int(candidate) not in taken:  # one copy of each product per global batch
+                if int(candidate) not in taken and not relevant[candidate]:  # one copy per global batch
                     taken.add(int(candidate))
                     negatives_per_rank[i // self.batch_size].append(int(candidate))
                     picked += 1
@@ -109,3 +197,16 @@ class HardNegativeSampler:
             product_rows=np.concatenate([positives[shard], np.asarray(negatives_per_rank[rank], dtype=np.int64)]),
             n_positives=self.batch_size,
         )
+
+
+def _attribute_codes(attributes) -> np.ndarray:
+    """``(products, keys)`` int codes of each product's attribute values (-1: the product lacks that key)."""
+    rows = [dict(a) if a is not None else {} for a in attributes]
+    keys = sorted({k for row in rows for k in row})
+    codes = np.full((len(rows), len(keys)), -1, dtype=np.int64)
+    for j, key in enumerate(keys):
+        vocab: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            if key in row and row[key] is not None:
+                codes[i, j] = vocab.setdefault(str(row[key]), len(vocab))
+    return codes

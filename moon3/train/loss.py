@@ -59,6 +59,7 @@ def contrastive_loss(
     positive_index: torch.Tensor,
     product_ids: torch.Tensor,
     temperature: torch.Tensor,
+    relevant: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE over cosine similarities.
 
@@ -70,6 +71,9 @@ def contrastive_loss(
         product_ids: ``(P,)`` integer product identities; a product that appears twice (two queries bought
             the same thing) is masked out as a negative of its own queries instead of pushing them apart.
         temperature: scalar tau.
+        relevant: optional ``(Q, P)`` bool, True where a product other than the query's own positive also
+            answers the query (every product under the category of a category-name query); those are not
+            negatives of that query, in either direction.
 
     Returns:
         ``(L_q->p + L_p->q) / 2``; the product->query direction runs over the positives only, since hard
@@ -77,11 +81,14 @@ def contrastive_loss(
     """
     logits = queries @ products.T / temperature
     same = product_ids[positive_index][:, None] == product_ids[None, :]
+    if relevant is not None:
+        same = same | relevant
     own = F.one_hot(positive_index, num_classes=products.shape[0]).bool()
     logits = logits.masked_fill(same & ~own, float("-inf"))
     loss_q2p = F.cross_entropy(logits, positive_index)
     logits_p2q = logits.T[positive_index]  # (Q, Q): row i = positive of query i against every query
-    same_q = product_ids[positive_index][:, None] == product_ids[positive_index][None, :]
+    # Entry (i, j) is the positive of query i scored against query j: masked when it also answers query j.
+    same_q = same[:, positive_index].T
     diagonal = torch.eye(len(positive_index), dtype=torch.bool, device=logits.device)
     logits_p2q = logits_p2q.masked_fill(same_q & ~diagonal, float("-inf"))
     loss_p2q = F.cross_entropy(logits_p2q, torch.arange(len(positive_index), device=logits.device))

@@ -32,7 +32,7 @@ IMAGE_STATES = [OK, MISSING, UNDECODABLE]
 QUERY_IMAGE_STATES = ["none", OK, MISSING, UNDECODABLE]
 # query_type:inputs present. A categorical column of these strings keeps GX vectorised (its column-pair
 # expectations loop in Python: 140 s on 1M rows).
-TYPE_INPUTS = ["text:text", "image:image", "multimodal:text+image"]
+TYPE_INPUTS = ["text:text", "image:image", "multimodal:text+image", "category:text"]
 _KV = pa.list_(pa.struct([("key", pa.string()), ("value", pa.string())]))
 
 
@@ -322,7 +322,7 @@ def query_checks(cfg: ValidationConfig) -> list[Check]:
               lambda E: E.ExpectColumnValuesToBeInSet(column="query_type", value_set=list(QUERY_TYPES)),
               lambda f: ~f["query_type"].isin(QUERY_TYPES).to_numpy()),
         Check("query_inputs_mismatch", ROW, "type_and_inputs",
-              "text queries have text, image queries an image, multimodal both (query_type:inputs)",
+              "text and category queries have text, image queries an image, multimodal both (query_type:inputs)",
               lambda E: E.ExpectColumnValuesToBeInSet(column="type_and_inputs", value_set=TYPE_INPUTS),
               lambda f: ~f["type_and_inputs"].isin(TYPE_INPUTS).to_numpy()),
         Check("query_image_missing", ROW, "query_image_status", "query_image names a file that does not exist",

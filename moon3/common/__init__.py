@@ -1,0 +1,1 @@
+"""Small helpers shared by several stages (provenance of runs and reports)."""
