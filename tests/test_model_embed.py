@@ -159,3 +159,18 @@ def test_from_config_with_a_backbone_folder(model, sample, tmp_path):
     assert torch.equal(loaded.embed(items, reasoning=False), model.embed(items, reasoning=False))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         Moon3Embedder.from_config(dataclasses.replace(cfg, backbone=str(tmp_path / "nope")))
+
+
+def test_served_embedding_equals_the_training_form(model, sample):
+    """A direct embedding served alone is what training computed for the item inside a mixed training batch."""
+    from moon3.train.contrastive import BatchBuilder
+    from moon3.train.data import HardNegativeSampler, PairData
+
+    data = PairData(sample, "train")
+    pairs = HardNegativeSampler(data, 8, 1, seed=0).batch(0)
+    with torch.no_grad():
+        trained_form = model(BatchBuilder(data, model.prepare_batch)(pairs)["inputs"]).embeddings
+    items = [query_item(r, sample) for r in data.queries.iloc[pairs.query_rows].to_dict("records")]
+    items += [product_item(r, sample) for r in data.products.iloc[pairs.product_rows].to_dict("records")]
+    served = model.embed(items, reasoning=False, batch_size=5)
+    assert (served * trained_form).sum(dim=1).min() >= 0.999

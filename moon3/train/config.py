@@ -13,7 +13,7 @@ class TrainConfig:
     report_dir: str = field(
         default="reports/pretrain", metadata={"help": "train_metrics.json and dvclive plots (loss, temperature)."}
     )
-    steps: int = field(default=300, metadata={"help": "Optimizer steps."})
+    steps: int = field(default=600, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=16, metadata={"help": "Query/product pairs per process per micro-batch."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     lr: float = field(
@@ -32,7 +32,7 @@ class TrainConfig:
     temperature_init: float = field(default=0.05, metadata={"help": "Initial InfoNCE temperature (learnable)."})
     hard_negatives_per_query: int = field(default=1, metadata={"help": "Hard negatives added per query."})
     hard_negative_mode: str = field(
-        default="same_category",
+        default="mixed",
         metadata={
             "help": "same_category (a random product of the positive's leaf) | attribute_matched (another leaf "
             "sharing the most attribute values) | mixed (either, half each). Category queries always draw "
@@ -40,7 +40,7 @@ class TrainConfig:
         },
     )
     lambda_sft: float = field(default=0.1, metadata={"help": "Weight of next-token loss on traces, if present."})
-    save_every: int = field(default=100, metadata={"help": "Checkpoint every N steps."})
+    save_every: int = field(default=200, metadata={"help": "Checkpoint every N steps."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling and initialisation."})
     num_workers: int = field(
         default=1, metadata={"help": "DataLoader workers building batches ahead (0: in the training process)."}
