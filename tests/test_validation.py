@@ -178,9 +178,11 @@ def test_bad_product_rows_are_quarantined_with_reason(mini_dataset, tmp_path, ca
     edit, expected = ROW_CASES[case]
     data = _copy(mini_dataset, tmp_path / "data", products=edit)
     ids = read_table(table_path(data, PRODUCTS), PRODUCTS)["product_id"].tolist()
-    result = _run(tmp_path, data, **CASE_CONFIG.get(case, {}))
+    # A bad product also quarantines every query that points at it, category-name queries included: up to ~4 %
+    # of the 240 queries here, so the gate's reject threshold is 5 % for these cases.
+    result = _run(tmp_path, data, **{"max_reject_fraction": 0.05, **CASE_CONFIG.get(case, {})})
 
-    assert result.passed, [f.to_dict() for f in result.blocking]  # 1-3 of 200 rows: under the 2 % threshold
+    assert result.passed, [f.to_dict() for f in result.blocking]  # 1-3 of 200 products, a few more queries
     _reconciles(result, data)
     assert _quarantined(result, PRODUCTS) == {ids[row]: reasons for row, reasons in expected.items()}
     reason = next(iter(expected.values()))[0]
