@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from moon3.config import ConfigError, Moon3Config, help_table, load_config
+from moon3.common.cli import ParamsOpt, SetOpt, config_or_exit, console, out, print_json
+from moon3.config import Moon3Config, help_table
 
 app = typer.Typer(help="moon3: reasoning-aware multimodal product embeddings.", no_args_is_help=True)
 data_app = typer.Typer(help="Make, import and inspect datasets.", no_args_is_help=True)
@@ -23,23 +23,9 @@ config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 
-console = Console(stderr=True)
-out = Console()
-
-ParamsOpt = typer.Option(Path("params.yaml"), "--params", "-p", help="YAML file with one section per stage.")
-SetOpt = typer.Option(None, "--set", "-s", help="Override a key, e.g. --set train.lr=3e-4 (repeatable).")
-
-
-def _config(params: Path, overrides: list[str] | None) -> Moon3Config:
-    try:
-        return load_config(params, overrides)
-    except ConfigError as err:
-        console.print(f"[red]config error:[/red] {err}")
-        raise typer.Exit(2) from None
-
-
-def _print_json(payload: dict) -> None:
-    out.print_json(json.dumps(payload, default=str))
+# Shared by every stage's commands (moon3/<stage>/cli.py); the old private names stay as aliases here.
+_config = config_or_exit
+_print_json = print_json
 
 
 @config_app.command("show")
@@ -428,3 +414,13 @@ def summary_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None
 
 if __name__ == "__main__":
     app()
+
+
+# --- stages that own their commands (moon3/<stage>/cli.py) -------------------------------------------------
+def _register_stage_commands() -> None:
+    from moon3.synthesis.cli import register as register_synthesis
+
+    register_synthesis(app)
+
+
+_register_stage_commands()

@@ -23,6 +23,7 @@ from moon3.data.config import DataConfig
 from moon3.eval.config import EvalConfig
 from moon3.model.config import ModelConfig
 from moon3.pipelines.config import PipelineConfig
+from moon3.synthesis.config import SynthesisConfig
 from moon3.train.config import TrainConfig
 from moon3.validation.config import ValidationConfig
 
@@ -39,6 +40,9 @@ class Moon3Config:
 
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset preparation."})
     validation: ValidationConfig = field(default_factory=ValidationConfig, metadata={"help": "Data validation gate."})
+    synthesis: SynthesisConfig = field(
+        default_factory=SynthesisConfig, metadata={"help": "Reasoning-trace synthesis and the trace gate."}
+    )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Backbone and embedding contract."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Contrastive pretraining."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "MBE3.0-style evaluation."})

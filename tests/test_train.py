@@ -23,7 +23,14 @@ from moon3.train.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-FAST = ["train.heldout_queries=0", "train.log_every=1", "train.batch_size=8", "train.warmup_steps=10", "train.lr=3e-4"]
+FAST = [
+    "train.traces_dir=",
+    "train.heldout_queries=0",
+    "train.log_every=1",
+    "train.batch_size=8",
+    "train.warmup_steps=10",
+    "train.lr=3e-4",
+]
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

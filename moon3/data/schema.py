@@ -54,9 +54,11 @@ QUERY_SCHEMA = pa.schema(
     ]
 )
 
+# A product's trace has ``query_id`` null; a query's trace names the query and, in ``product_id``, its positive.
 TRACE_SCHEMA = pa.schema(
     [
         pa.field("product_id", pa.string(), nullable=False),
+        pa.field("query_id", pa.string()),
         pa.field("trace", pa.string()),
         pa.field("teacher", pa.string()),
         pa.field("prompt_hash", pa.string()),

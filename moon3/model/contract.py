@@ -112,11 +112,12 @@ class EmbeddingContract:
             image_size=cfg.image_size,
         )
 
-    def with_training(self, trained_with_traces: bool) -> EmbeddingContract:
-        """The contract a trained model is saved under: a model never taught to write traces defaults to
-        reasoning off (forcing it on stays possible and is labelled as forced in reports)."""
+    def with_training(self, trained_with_traces: bool, reasoning: bool = True) -> EmbeddingContract:
+        """The contract a trained model is saved under: reasoning on by default only if asked for (``reasoning``,
+        the config's ``model.reasoning``) and taught (``trained_with_traces``); a model never taught to write
+        traces embeds directly (forcing it on stays possible and is labelled as forced in reports)."""
         return dataclasses.replace(
-            self, trained_with_traces=trained_with_traces, reasoning=self.reasoning and trained_with_traces
+            self, trained_with_traces=trained_with_traces, reasoning=reasoning and trained_with_traces
         )
 
     def to_dict(self) -> dict[str, Any]:

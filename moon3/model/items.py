@@ -119,12 +119,14 @@ def check_items(items: list[Item]) -> None:
             raise ValueError(f"item {i}: has neither an image nor a text")
 
 
-def catalog_texts(root: str | Path) -> list[str]:
-    """Training-split product texts and query texts of a dataset folder: the tiny tokenizer's corpus.
+def catalog_texts(root: str | Path, traces_dir: str | Path | None = None) -> list[str]:
+    """Training-split product texts and query texts of a dataset folder, and the synthesized traces in
+    ``traces_dir`` if given: the tiny tokenizer's corpus.
 
-    Only the train split, so the tokenizer of a model evaluated on this dataset never saw evaluation text.
+    Only the train split (traces are only written for it), so the tokenizer of a model evaluated on this
+    dataset never saw evaluation text.
     """
-    from moon3.data.schema import PRODUCTS, QUERIES, read_table, table_path
+    from moon3.data.schema import PRODUCTS, QUERIES, TRACES, read_table, table_path
 
     texts: list[str] = []
     products = table_path(root, PRODUCTS)
@@ -137,4 +139,6 @@ def catalog_texts(root: str | Path) -> list[str]:
         df = read_table(queries, QUERIES)
         df = df[df["split"] != "eval"]
         texts += [str(t) for t in df["query_text"] if _present(t)]
+    if traces_dir is not None and table_path(traces_dir, TRACES).exists():
+        texts += [str(t) for t in read_table(table_path(traces_dir, TRACES), TRACES)["trace"] if _present(t)]
     return texts

@@ -13,6 +13,10 @@ class TrainConfig:
     report_dir: str = field(
         default="reports/pretrain", metadata={"help": "train_metrics.json and dvclive plots (loss, temperature)."}
     )
+    traces_dir: str = field(
+        default="data/traces",
+        metadata={"help": "Folder of traces.parquet (synthesize stage); '' = no traces, the model embeds directly."},
+    )
     steps: int = field(default=600, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=16, metadata={"help": "Query/product pairs per process per micro-batch."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -40,6 +44,10 @@ class TrainConfig:
         },
     )
     lambda_sft: float = field(default=0.1, metadata={"help": "Weight of next-token loss on traces, if present."})
+    trace_dropout: float = field(
+        default=0.5,
+        metadata={"help": "Share of items trained with an empty trace (direct embedding, no SFT) when traces exist."},
+    )
     save_every: int = field(default=200, metadata={"help": "Checkpoint every N steps."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling and initialisation."})
     num_workers: int = field(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -107,11 +108,13 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
 class BatchBuilder:
     """Turns a :class:`PairBatch` into model inputs; also run inside DataLoader workers."""
 
-    def __init__(self, data: PairData, prepare_batch):
+    def __init__(self, data: PairData, prepare_batch, trace_dropout: float = 0.0, seed: int = 0):
         from moon3.model.items import product_item, query_item
 
         self.data = data
         self.prepare_batch = prepare_batch
+        self.trace_dropout = trace_dropout
+        self.seed = seed
         self._product_item, self._query_item = product_item, query_item
 
     def __call__(self, batch: PairBatch) -> dict[str, Any]:
@@ -120,8 +123,13 @@ class BatchBuilder:
         items = [self._query_item(row, self.data.root) for _, row in queries.iterrows()]
         items += [self._product_item(row, self.data.root) for _, row in products.iterrows()]
         traces = None
-        if self.data.traces:
-            traces = [None] * len(queries) + [self.data.traces.get(pid) for pid in products["product_id"]]
+        if self.data.traces or self.data.query_traces:
+            traces = [self.data.query_traces.get(qid) for qid in queries["query_id"]]
+            traces += [self.data.traces.get(pid) for pid in products["product_id"]]
+            # Trace dropout: some items embed directly (empty trace, no SFT), so the embedding does not come to
+            # rest on the teacher's trace, which holds the item's true attributes and is not there at inference.
+            keep = np.random.default_rng([self.seed, batch.step, 7]).random(len(traces)) >= self.trace_dropout
+            traces = [t if k else None for t, k in zip(traces, keep, strict=True)]
         return {
             "inputs": self.prepare_batch(items, traces),
             "n_queries": len(queries),
@@ -162,9 +170,9 @@ def build_or_load_init(cfg: Moon3Config, data_dir: str | Path, out_dir: Path, di
     init_dir = out_dir / "init"
     if dist.is_main and not (init_dir / "moon3_config.json").exists():
         torch.manual_seed(cfg.model.seed)
-        model = Moon3Embedder.from_config(cfg.model, catalog_texts(data_dir))
+        model = Moon3Embedder.from_config(cfg.model, catalog_texts(data_dir, cfg.train.traces_dir or None))
         # Never trained to write traces: embeds with reasoning off (method.md section 1, honest reasoning flag).
-        model.contract = model.contract.with_training(trained_with_traces=False)
+        model.contract = model.contract.with_training(trained_with_traces=False, reasoning=cfg.model.reasoning)
         model.save_pretrained(init_dir, training=_training_record(cfg, data_dir, "init", 0, traces=False))
     if dist.world_size > 1:
         torch.distributed.barrier()
@@ -207,12 +215,12 @@ def train_contrastive(
     embedder = build_or_load_init(cfg, data_dir, out, dist)
     if tc.gradient_checkpointing:
         embedder.backbone.gradient_checkpointing_enable()
-    data = PairData(data_dir, "train")
+    data = PairData(data_dir, "train", tc.traces_dir or None)
     # Trace SFT only when traces exist and the model is to reason; otherwise the model is trained (and saved)
     # as a direct embedder.
-    use_traces = bool(data.traces) and cfg.model.reasoning and tc.lambda_sft > 0
+    use_traces = bool(data.traces or data.query_traces) and cfg.model.reasoning and tc.lambda_sft > 0
     if not use_traces:
-        data.traces = {}
+        data.traces, data.query_traces = {}, {}
         _freeze_unused_lm_head(embedder)
     model = ContrastiveModel(embedder, tc.temperature_init).to(dist.device)
     optimizer = torch.optim.AdamW(parameter_groups(model, tc))
@@ -250,7 +258,7 @@ def train_contrastive(
     sampler = HardNegativeSampler(
         data, tc.batch_size, tc.hard_negatives_per_query, tc.seed, dist.world_size, tc.hard_negative_mode
     )
-    builder = BatchBuilder(data, embedder.prepare_batch)
+    builder = BatchBuilder(data, embedder.prepare_batch, tc.trace_dropout, tc.seed)
     end_step = tc.steps if max_steps is None else min(tc.steps, start_step + max_steps)
     loader = torch.utils.data.DataLoader(
         StepBatches(sampler, builder, dist.rank, start_step * tc.grad_accum, end_step * tc.grad_accum),
@@ -333,7 +341,7 @@ def train_contrastive(
         final = out / "final"
         if cfg.model.reasoning and not use_traces:
             print("no reasoning traces were trained (none in the data): the model is saved with reasoning off")
-        embedder.contract = embedder.contract.with_training(trained_with_traces=use_traces)
+        embedder.contract = embedder.contract.with_training(use_traces, cfg.model.reasoning)
         record = _training_record(cfg, data_dir, "pretrain", end_step, traces=use_traces)
         embedder.save_pretrained(final, training=record)
         reports.mkdir(parents=True, exist_ok=True)

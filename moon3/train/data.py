@@ -30,6 +30,7 @@ class PairBatch:
     query_rows: np.ndarray  # positions in PairData.queries
     product_rows: np.ndarray  # positives first (aligned with query_rows), then hard negatives
     n_positives: int
+    step: int = 0  # the micro-step it was drawn for: keys per-batch randomness (trace dropout) for exact resume
 
 
 HARD_NEGATIVE_MODES = ("same_category", "attribute_matched", "mixed")
@@ -38,8 +39,9 @@ HARD_NEGATIVE_MODES = ("same_category", "attribute_matched", "mixed")
 class PairData:
     """Training queries with their positives, products indexed by category, and optional traces."""
 
-    def __init__(self, root: str | Path, split: str = "train"):
+    def __init__(self, root: str | Path, split: str = "train", traces_dir: str | Path | None = None):
         self.root = Path(root)
+        self.traces_dir = Path(traces_dir) if traces_dir else None
         products, queries = read_dataset(self.root)
         self.products = products[products["split"] == split].reset_index(drop=True)
         queries = queries[queries["split"] == split]
@@ -59,7 +61,7 @@ class PairData:
         self.path_names = np.array([p + [""] * (depth - len(p)) for p in paths], dtype=object).reshape(-1, depth)
         self.attribute_codes = _attribute_codes(self.products["attributes"])
         self.category_level = self._category_levels()
-        self.traces = self._load_traces()
+        self.traces, self.query_traces = self._load_traces()
 
     def _category_levels(self) -> np.ndarray:
         """Per query: the level (0-based) at which a category query's text names its positive's category; -1
@@ -118,12 +120,18 @@ class PairData:
         order = np.lexsort((rng.random(len(other)), -shared))
         return other[order]
 
-    def _load_traces(self) -> dict[str, str]:
-        path = table_path(self.root, TRACES)
-        if not path.exists():
-            return {}
-        traces = read_table(path, TRACES)
-        return dict(zip(traces["product_id"], traces["trace"], strict=True))
+    def _load_traces(self) -> tuple[dict[str, str], dict[str, str]]:
+        """``(product_id -> trace, query_id -> trace)`` from ``traces_dir/traces.parquet`` (empty without one)."""
+        if self.traces_dir is None or not table_path(self.traces_dir, TRACES).exists():
+            return {}, {}
+        traces = read_table(table_path(self.traces_dir, TRACES), TRACES)
+        is_query = traces["query_id"].notna()
+        products = traces[~is_query]
+        queries = traces[is_query]
+        return (
+            dict(zip(products["product_id"], products["trace"], strict=True)),
+            dict(zip(queries["query_id"], queries["trace"], strict=True)),
+        )
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -196,6 +204,7 @@ class HardNegativeSampler:
             query_rows=queries[shard],
             product_rows=np.concatenate([positives[shard], np.asarray(negatives_per_rank[rank], dtype=np.int64)]),
             n_positives=self.batch_size,
+            step=step,
         )
 
 
