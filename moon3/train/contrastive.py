@@ -170,7 +170,9 @@ def build_or_load_init(cfg: Moon3Config, data_dir: str | Path, out_dir: Path, di
     init_dir = out_dir / "init"
     if dist.is_main and not (init_dir / "moon3_config.json").exists():
         torch.manual_seed(cfg.model.seed)
-        model = Moon3Embedder.from_config(cfg.model, catalog_texts(data_dir, cfg.train.traces_dir or None))
+        # The traces join the tokenizer's corpus only when the model will be trained on them.
+        traces_dir = cfg.train.traces_dir if (cfg.model.reasoning and cfg.train.lambda_sft > 0) else None
+        model = Moon3Embedder.from_config(cfg.model, catalog_texts(data_dir, traces_dir or None))
         # Never trained to write traces: embeds with reasoning off (method.md section 1, honest reasoning flag).
         model.contract = model.contract.with_training(trained_with_traces=False, reasoning=cfg.model.reasoning)
         model.save_pretrained(init_dir, training=_training_record(cfg, data_dir, "init", 0, traces=False))
