@@ -16,6 +16,7 @@ BENCHES = {
     "validation": ["-m", "bench.bench_validation"],
     "search": ["-m", "bench.bench_search"],
     "pipeline": ["bench/bench_pipeline.py"],
+    "synthesis": ["-m", "bench.bench_synthesis"],
 }
 
 

@@ -105,6 +105,11 @@ def work_folder(scratch_dir: str, run_id: str) -> Path:
     return Path(tempfile.mkdtemp(prefix="moon3-pretrain-"))
 
 
+# The pipeline has no synthesize step yet: a relative train.traces_dir would resolve against the pod's working
+# folder, so pipeline training never reads traces (the model embeds directly and its contract says so).
+NO_TRACES = ""
+
+
 def pretrain_step(
     params: dict,
     overrides: list,
@@ -129,6 +134,7 @@ def pretrain_step(
     from moon3.pipelines.launch import accelerate_command, infra_path, train_args
 
     cfg = config_from_params(params, overrides)
+    cfg.train.traces_dir = NO_TRACES
     work = work_folder(scratch_dir, run_id)
     out, reports = work / "pretrain", work / "reports"
     env = dict(os.environ)
@@ -177,6 +183,7 @@ def pretrain_trainjob_step(
 
     pc = config_from_params({"pipeline": pipeline}).pipeline  # a struct too: ints arrive as floats
     cfg = config_from_params(params, overrides)
+    cfg.train.traces_dir = NO_TRACES
     work = work_folder(pc.pvc_mount_path, run_id)
     shutil.copytree(data_dir, work / "data", dirs_exist_ok=True)
     if pc.num_processes * pc.num_nodes > 1:

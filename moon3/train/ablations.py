@@ -12,7 +12,8 @@ from pathlib import Path
 ABLATIONS: dict[str, list[str]] = {
     "no_fusion": ["model.fusion=false"],
     "no_fire": ["model.fire=false"],
-    # Without traces in the data this trains the same model as the full run: the report shows a zero delta.
+    # While the full model does not reason (model.reasoning: false, or no traces) this is the same training
+    # run: the report shows a zero delta.
     "no_reasoning": ["model.reasoning=false"],
 }
 ABLATIONS_DIR = Path("models/ablations")

@@ -4,8 +4,9 @@ One code path for a single CPU process, several data-parallel processes (``torch
 ZeRO-2/3 (``train.deepspeed_config``, launched with ``deepspeed`` or ``torchrun``). Each step:
 
 1. the :class:`~moon3.train.data.HardNegativeSampler` picks this rank's pairs and hard negatives for ``step``;
-2. queries and products go through the embedder in one batch (products with their teacher trace when a
-   ``traces.parquet`` exists, which also yields the next-token loss on the trace);
+2. queries and products go through the embedder in one batch (with their teacher traces when
+   ``model.reasoning`` is on and ``train.traces_dir`` holds a ``traces.parquet``: the next-token loss on the
+   traces is added, and ``train.trace_dropout`` of the items embed with an empty trace);
 3. embeddings are gathered from every rank and symmetric InfoNCE runs over the global batch;
 4. AdamW with warmup + cosine, gradient clipping; a checkpoint every ``save_every`` steps.
 
@@ -380,8 +381,8 @@ def module_gates(embedder: nn.Module) -> dict[str, float]:
     fusion head's mean gates of the last batch (``<emb>`` state, image read-out, text read-out)."""
     out: dict[str, float] = {}
     fire = getattr(embedder, "fire", None)
-    if fire is not None:
-        gates = fire.gate_values()
+    gates = fire.gate_values() if fire is not None else []
+    if gates and len(gates) == len(fire.layers):  # not on a ZeRO-3 rank holding only a shard of alpha
         out["fire_gate_abs_mean"] = sum(abs(g) for g in gates) / len(gates)
         out.update({f"fire_gate_l{layer}": g for layer, g in zip(fire.layers, gates, strict=True)})
     fusion = getattr(embedder, "fusion", None)
