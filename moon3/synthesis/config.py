@@ -31,8 +31,12 @@ class SynthesisConfig:
         default="http://127.0.0.1:8000/v1", metadata={"help": "OpenAI-compatible endpoint (vLLM, TGI, hosted)."}
     )
     openai_model: str = field(default="", metadata={"help": "Model name the endpoint serves."})
-    openai_api_key_env: str = field(
-        default="OPENAI_API_KEY", metadata={"help": "Name of the environment variable holding the key (never stored)."}
+    openai_token_env: str = field(
+        default="",
+        metadata={
+            "help": "Name of the environment variable holding the endpoint's key, e.g. OPENAI_API_KEY ('' = send "
+            "no key, as for a local vLLM). The key itself is read at call time and never stored or logged."
+        },
     )
     temperature: float = field(default=0.7, metadata={"help": "Teacher sampling temperature."})
     max_tokens: int = field(default=256, metadata={"help": "Teacher answer budget in its own tokens."})

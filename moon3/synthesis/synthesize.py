@@ -89,7 +89,7 @@ def make_teacher(cfg: Any) -> Any:
             raise ValueError("synthesis.openai_model: set the model name the endpoint serves")
         from moon3.synthesis.openai_teacher import OpenAITeacher
 
-        return OpenAITeacher(sc.openai_base_url, sc.openai_model, sc.openai_api_key_env, sc.temperature, sc.max_tokens)
+        return OpenAITeacher(sc.openai_base_url, sc.openai_model, sc.openai_token_env, sc.temperature, sc.max_tokens)
     raise ValueError(f"synthesis.teacher: {sc.teacher!r} is not one of attributes, openai, none")
 
 
