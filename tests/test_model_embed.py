@@ -174,3 +174,14 @@ def test_served_embedding_equals_the_training_form(model, sample):
     items += [product_item(r, sample) for r in data.products.iloc[pairs.product_rows].to_dict("records")]
     served = model.embed(items, reasoning=False, batch_size=5)
     assert (served * trained_form).sum(dim=1).min() >= 0.999
+
+
+def test_attribute_label_tokenizes_as_inside_a_product(model):
+    """The zero-shot label prompt is the same token sequence as that attribute's line inside a product input."""
+    from moon3.model.items import attribute_text
+
+    row = {"title": "Olmo red tee", "attributes": {"color": "red", "size": "small"}}
+    inside = model._raw_ids([product_text(row)])[0]
+    for key, value in row["attributes"].items():
+        label = model._raw_ids([attribute_text(key, value)])[0]
+        assert any(inside[i : i + len(label)] == label for i in range(len(inside))), (key, label, inside)
