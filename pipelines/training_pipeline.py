@@ -1,4 +1,4 @@
-"""The moon3 training pipeline: prepare (or import) -> validate -> [gate] -> pretrain -> evaluate.
+"""The moon3 training pipeline: prepare (or import) -> validate -> [gate] -> synthesize -> pretrain -> evaluate.
 
 Run-time arguments (editable in the KFP UI):
     params: the stage sections of ``params.yaml`` (``data``, ``validation``, ``model``, ``train``, ``eval``),
@@ -27,6 +27,7 @@ from moon3.pipelines.placement import check_trainer, place_training_task
 prepare = load_component("prepare").prepare
 validate = load_component("validate").validate
 gate_failed = load_component("validate").gate_failed
+synthesize = load_component("synthesize").synthesize
 pretrain = load_component("pretrain").pretrain
 pretrain_trainjob = load_component("pretrain").pretrain_trainjob
 evaluate = load_component("evaluate").evaluate
@@ -60,6 +61,10 @@ def build_pipeline(cfg: Moon3Config, version: str | None = None) -> Any:
     def stages(dataset: Any, params: Any, overrides: Any) -> None:
         checked = common(validate(params=params, overrides=overrides, dataset=dataset), "validate", pc.cache_data)
         with dsl.If(checked.outputs["passed"] == True, name="data-gate-passed"):  # noqa: E712 -- a KFP condition
+            traces = common(
+                synthesize(params=params, overrides=overrides, dataset=checked.outputs["validated"]),
+                "synthesize", pc.cache_data,
+            ).outputs["traces"]  # fmt: skip
             claim = None
             if pc.pvc_name and pc.pvc_create:
                 pvc = kubernetes.CreatePVC(
@@ -74,11 +79,11 @@ def build_pipeline(cfg: Moon3Config, version: str | None = None) -> Any:
             if pc.trainer == "trainjob":
                 train = pretrain_trainjob(
                     params=params, overrides=overrides, pipeline=dataclasses.asdict(pc), claim_name=claim,
-                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, dataset=checked.outputs["validated"],
+                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, dataset=checked.outputs["validated"], traces=traces,
                 )  # fmt: skip
             else:
                 train = pretrain(
-                    params=params, overrides=overrides, dataset=checked.outputs["validated"],
+                    params=params, overrides=overrides, dataset=checked.outputs["validated"], traces=traces,
                     num_processes=pc.num_processes, accelerate_config=pc.accelerate_config,
                     deepspeed_config=pc.deepspeed_config, scratch_dir=pc.pvc_mount_path if claim else "",
                     run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -101,7 +106,7 @@ def build_pipeline(cfg: Moon3Config, version: str | None = None) -> Any:
         with dsl.Else(name="data-gate-failed"):
             common(gate_failed(summary=checked.outputs["summary"]), "gate-failed", False)
 
-    description = f"moon3 {version}: {{}} -> validate (gate) -> pretrain ({pc.trainer}) -> evaluate"
+    description = f"moon3 {version}: {{}} -> validate (gate) -> synthesize -> pretrain ({pc.trainer}) -> evaluate"
     if pc.prepare:
 
         @dsl.pipeline(name=pc.name, description=description.format("prepare"))

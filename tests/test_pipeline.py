@@ -554,6 +554,12 @@ def test_local_run_of_the_whole_training_pipeline(kfp_local):
     assert executor_outputs(run, "validate")["parameterValues"]["passed"] is True
     assert "<html" in (run / "validate" / "report").read_text().lower()
     assert (run / "validate" / "details" / "gx_results.json").is_file()
+    # synthesize: gated traces for the training items; every item accounted for.
+    synth = artifact_metadata(run, "synthesize", "metrics")
+    rejected = sum(v for k, v in synth.items() if k.startswith("rejected/"))
+    assert synth["in"] == synth["accepted"] + rejected + synth["failed"] and synth["accepted"] > 0
+    assert len(pd.read_parquet(run / "synthesize" / "traces" / "traces.parquet")) == synth["accepted"]
+    assert "<html" in (run / "synthesize" / "report").read_text().lower()
     # pretrain -> evaluate: two self-contained model folders (evaluate loaded both), with different weights.
     train_metrics = artifact_metadata(run, "pretrain", "metrics")
     assert train_metrics["steps"] == 6 and train_metrics["final_loss"] > 0

@@ -11,6 +11,7 @@ def pretrain(
     params: dict,
     overrides: list,
     dataset: Input[Dataset],
+    traces: Input[Dataset],
     model: Output[Model],
     init_model: Output[Model],
     metrics: Output[Metrics],
@@ -26,6 +27,7 @@ def pretrain(
         params: stage sections of ``params.yaml`` (the pipeline's ``params``).
         overrides: ``section.key=value`` strings applied on top.
         dataset: the validated dataset.
+        traces: the synthesize step's ``traces.parquet`` (trace SFT when ``model.reasoning`` is on).
         model: the trained embedder (``Moon3Embedder.from_pretrained`` folder).
         init_model: the untrained starting point (the evaluation baseline).
         metrics: final loss, InfoNCE, temperature, pairs/s, steps, world size.
@@ -38,7 +40,7 @@ def pretrain(
     from moon3.pipelines.steps import pretrain_step
 
     summary = pretrain_step(params, overrides, dataset.path, model.path, init_model.path, num_processes,
-                            accelerate_config, deepspeed_config, scratch_dir, run_id)  # fmt: skip
+                            accelerate_config, deepspeed_config, scratch_dir, run_id, traces.path)  # fmt: skip
     for name, value in summary.items():
         metrics.log_metric(name, value)
     model.metadata["framework"] = "moon3"
@@ -52,6 +54,7 @@ def pretrain_trainjob(
     claim_name: str,
     run_id: str,
     dataset: Input[Dataset],
+    traces: Input[Dataset],
     model: Output[Model],
     init_model: Output[Model],
     metrics: Output[Metrics],
@@ -65,6 +68,7 @@ def pretrain_trainjob(
         claim_name: the PersistentVolumeClaim mounted here and in every TrainJob node.
         run_id: the pipeline run id (names the TrainJob and the run's folder on the claim).
         dataset: the validated dataset.
+        traces: the synthesize step's ``traces.parquet``.
         model: the trained embedder.
         init_model: the untrained starting point.
         metrics: the training summary.
@@ -72,7 +76,7 @@ def pretrain_trainjob(
     from moon3.pipelines.steps import pretrain_trainjob_step
 
     summary = pretrain_trainjob_step(params, overrides, pipeline, dataset.path, model.path, init_model.path,
-                                     claim_name, run_id)  # fmt: skip
+                                     claim_name, run_id, traces_dir=traces.path)  # fmt: skip
     for name, value in summary.items():
         metrics.log_metric(name, value)
     model.metadata["framework"] = "moon3"

@@ -105,9 +105,20 @@ def work_folder(scratch_dir: str, run_id: str) -> Path:
     return Path(tempfile.mkdtemp(prefix="moon3-pretrain-"))
 
 
-# The pipeline has no synthesize step yet: a relative train.traces_dir would resolve against the pod's working
-# folder, so pipeline training never reads traces (the model embeds directly and its contract says so).
-NO_TRACES = ""
+def synthesize_step(params: dict, overrides: list, data_dir: str, traces_dir: str, report_dir: str) -> dict[str, Any]:
+    """Trace synthesis on the validated dataset: accepted traces to ``traces_dir``, reports to ``report_dir``.
+
+    Returns:
+        ``metrics`` (flat numbers of ``synthesis_report.json``) and ``html`` (path of the report).
+    """
+    from moon3.synthesis.synthesize import synthesize
+
+    cfg = config_from_params(params, overrides)
+    if not Path(cfg.synthesis.cache_path).is_absolute():  # the pod's working folder may be read-only: keep the
+        cfg.synthesis.cache_path = str(Path(report_dir) / "teacher_cache.sqlite")  # cache with the step's details
+    report = synthesize(cfg, data_dir, traces_dir, report_dir, progress=False)
+    numbers = {k: v for k, v in report.items() if k not in ("examples", "grounded_score_histogram")}
+    return {"metrics": flat_numbers(numbers), "html": str(Path(report_dir) / "synthesis_report.html")}
 
 
 def pretrain_step(
@@ -121,6 +132,7 @@ def pretrain_step(
     deepspeed_config: str = "",
     scratch_dir: str = "",
     run_id: str = "",
+    traces_dir: str = "",
 ) -> dict[str, float]:
     """Contrastive pretraining; the trained model goes to ``model_dir``, the untrained one to ``init_dir``.
 
@@ -134,7 +146,7 @@ def pretrain_step(
     from moon3.pipelines.launch import accelerate_command, infra_path, train_args
 
     cfg = config_from_params(params, overrides)
-    cfg.train.traces_dir = NO_TRACES
+    cfg.train.traces_dir = traces_dir  # the synthesize step's artifact ('' = none), never a pod-relative path
     work = work_folder(scratch_dir, run_id)
     out, reports = work / "pretrain", work / "reports"
     env = dict(os.environ)
@@ -166,6 +178,7 @@ def pretrain_trainjob_step(
     claim_name: str,
     run_id: str,
     api: Any = None,
+    traces_dir: str = "",
 ) -> dict[str, float]:
     """Multi-node pretraining as a Kubeflow Trainer TrainJob on the shared claim mounted at ``pvc_mount_path``.
 
@@ -183,9 +196,12 @@ def pretrain_trainjob_step(
 
     pc = config_from_params({"pipeline": pipeline}).pipeline  # a struct too: ints arrive as floats
     cfg = config_from_params(params, overrides)
-    cfg.train.traces_dir = NO_TRACES
     work = work_folder(pc.pvc_mount_path, run_id)
     shutil.copytree(data_dir, work / "data", dirs_exist_ok=True)
+    cfg.train.traces_dir = ""  # the synthesize step's artifact, copied onto the claim every node mounts
+    if traces_dir:
+        shutil.copytree(traces_dir, work / "traces", dirs_exist_ok=True)
+        cfg.train.traces_dir = str(work / "traces")
     if pc.num_processes * pc.num_nodes > 1:
         cfg.train.deepspeed_config = str(infra_path(pc.deepspeed_config))
     args = train_args(write_params(cfg, work / "params.yaml"), work / "data", work / "pretrain", work / "reports")
