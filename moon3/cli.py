@@ -23,15 +23,11 @@ config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 
-# Shared by every stage's commands (moon3/<stage>/cli.py); the old private names stay as aliases here.
-_config = config_or_exit
-_print_json = print_json
-
 
 @config_app.command("show")
 def config_show(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None:
     """Print the resolved configuration (params.yaml + overrides) as JSON."""
-    _print_json(_config(params, overrides).to_dict())
+    print_json(config_or_exit(params, overrides).to_dict())
 
 
 @config_app.command("keys")
@@ -55,7 +51,7 @@ def data_make_sample(
     from moon3.data.mini import make_sample
     from moon3.data.stats import dataset_stats
 
-    cfg = _config(params, overrides).data
+    cfg = config_or_exit(params, overrides).data
     cfg.scale = scale if scale is not None else cfg.scale
     cfg.seed = seed if seed is not None else cfg.seed
     target = out_dir or Path(cfg.out_dir)
@@ -86,7 +82,7 @@ def data_prepare(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> Non
     """The DVC `prepare` stage: make-sample or import, as params.yaml's data.source says."""
     from moon3.data.prepare import prepare
 
-    cfg = _config(params, overrides).data
+    cfg = config_or_exit(params, overrides).data
     try:
         stats = prepare(cfg, progress=sys.stderr.isatty())
     except (ValueError, FileNotFoundError) as err:
@@ -105,7 +101,7 @@ def data_stats(
 
     stats = dataset_stats(root)
     if as_json:
-        _print_json(stats)
+        print_json(stats)
     else:
         _print_stats(stats)
 
@@ -157,7 +153,7 @@ def train_contrastive_cmd(
         except ValueError as err:
             console.print(f"[red]--ablation:[/red] {err}")
             raise typer.Exit(2) from None
-    cfg = _config(params, overrides)
+    cfg = config_or_exit(params, overrides)
     summary = train_contrastive(
         cfg,
         data_dir or Path(cfg.validation.out_dir),
@@ -167,7 +163,7 @@ def train_contrastive_cmd(
         progress=sys.stderr.isatty(),
     )
     if os.environ.get("RANK", "0") == "0":
-        _print_json(summary)
+        print_json(summary)
 
 
 # --- embed ---------------------------------------------------------------------------------------------------
@@ -192,7 +188,7 @@ def embed_cmd(
     from moon3.model.embedder import Moon3Embedder
     from moon3.model.items import catalog_texts
 
-    cfg = _config(params, overrides)
+    cfg = config_or_exit(params, overrides)
     table = table or table_path.stem
     try:
         if model_dir:
@@ -226,7 +222,7 @@ NamespaceOpt = typer.Option(None, "--namespace", help="Kubeflow profile namespac
 def _compile(params: Path, overrides: list[str] | None, out: Path | None = None) -> tuple[Moon3Config, Path, str]:
     from moon3.pipelines.compile import compile_pipeline, pipeline_version
 
-    cfg = _config(params, overrides)
+    cfg = config_or_exit(params, overrides)
     version = pipeline_version()
     try:
         path = compile_pipeline(cfg, out, version=version)
@@ -268,7 +264,7 @@ def pipeline_upload(
     except ValueError as err:
         console.print(f"[red]upload failed:[/red] {err}")
         raise typer.Exit(1) from None
-    _print_json(vars(result))
+    print_json(vars(result))
 
 
 @pipeline_app.command("run")
@@ -290,8 +286,8 @@ def pipeline_run(
     if compile_time:
         console.print(f"[red]run:[/red] {compile_time[0]} is fixed at compile time: use `moon3 pipeline upload`")
         raise typer.Exit(2)
-    cfg = _config(params, overrides)  # checks every key before anything reaches the server
-    arguments = {"params": pipeline_params(_config(params, None)), "overrides": list(overrides or []),
+    cfg = config_or_exit(params, overrides)  # checks every key before anything reaches the server
+    arguments = {"params": pipeline_params(config_or_exit(params, None)), "overrides": list(overrides or []),
                  "dataset_uri": dataset_uri}  # fmt: skip
     try:
         result = kfp_client.run(kfp_client.make_client(host, namespace), arguments, experiment=experiment,
@@ -299,7 +295,7 @@ def pipeline_run(
     except ValueError as err:
         console.print(f"[red]run failed:[/red] {err}")
         raise typer.Exit(1) from None
-    _print_json(vars(result))
+    print_json(vars(result))
 
 
 # --- validate ------------------------------------------------------------------------------------------------
@@ -308,7 +304,7 @@ def validate_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> Non
     """The DVC `validate` stage: the Great Expectations data gate (exit 1 when it fails)."""
     from moon3.validation.gate import validate
 
-    cfg = _config(params, overrides).validation
+    cfg = config_or_exit(params, overrides).validation
     result = validate(cfg, progress=sys.stderr.isatty())
     counts = Table("table", "in", "accepted", "quarantined", "fraction", title="validation")
     for name in ("products", "queries"):
@@ -348,7 +344,7 @@ def evaluate_cmd(
     """MBE3.0-style zero-shot evaluation of every saved variant; prints the main table and the report path."""
     from moon3.eval.evaluate import run_evaluation
 
-    cfg = _config(params, overrides)
+    cfg = config_or_exit(params, overrides)
     try:
         result = run_evaluation(cfg, data_dir, out_dir, progress=sys.stderr.isatty())
     except (ValueError, FileNotFoundError) as err:
@@ -376,7 +372,7 @@ def summary_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None
     """What the last run produced: data counts, the validation gate, training, and the evaluation table."""
     from moon3.eval.tables import main_table_markdown
 
-    cfg = _config(params, overrides)
+    cfg = config_or_exit(params, overrides)
     files = {
         "data": Path(cfg.data.out_dir) / "stats.json",
         "validation": Path(cfg.validation.report_dir) / "validation_metrics.json",

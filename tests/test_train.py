@@ -117,6 +117,7 @@ def test_training_loss_falls_and_writes_outputs(mini_dataset, init_model, tmp_pa
     # FIRE's zero-initialised last layers really moved.
     heads = load_file(out / "final" / "moon3_heads.safetensors")
     assert heads["fire.mlps.0.2.weight"].abs().max() > 0
+    assert (heads["fire.alpha"] != 1.0).all()  # the gates learn too, not only the MLPs behind them
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(mini_dataset, init_model, tmp_path):

@@ -381,13 +381,12 @@ def make_sample(cfg: DataConfig, out_dir: str | Path | None = None, progress: bo
         for k, (leaf, attrs, _bg) in enumerate(base):
             if r > 0:
                 attrs = {**attrs, "brand": _pick(rng, BRANDS), "material": _pick(rng, MATERIALS)}
-            level1, level2, _ = CATEGORY_TREE[leaf]
             products.append(
                 {
                     "product_id": f"p{r * cfg.n_products + k:0{width}d}",
                     "title": _title(rng, leaf, attrs),
                     "image": f"images/products/{k:07d}.png",
-                    "category_path": [level1, level2, leaf],
+                    "category_path": _path(leaf),
                     "attributes": attrs,
                     "price": round(float(rng.lognormal(3.0, 0.8)), 2),
                     "shop_id": f"shop{int(rng.integers(50)):02d}",
@@ -432,6 +431,7 @@ def make_sample(cfg: DataConfig, out_dir: str | Path | None = None, progress: bo
 
 
 def _path(leaf: str) -> list[str]:
+    """The 3-level category path of a leaf."""
     level1, level2, _ = CATEGORY_TREE[leaf]
     return [level1, level2, leaf]
 

@@ -25,27 +25,10 @@ from moon3.eval.references import build_references, reference_rows
 from moon3.eval.report import flatten_metrics, metrics_json, summarize, write_report
 from moon3.eval.tables import main_table_markdown
 from moon3.eval.tasks import EmbedFn, TaskResult, run_tasks
-from moon3.eval.variants import collect_variants, model_record
+from moon3.eval.variants import BASELINES, collect_variants, model_record
 
 if TYPE_CHECKING:
     from moon3.config import Moon3Config
-
-# Display order and meaning of the variant names; any other model variant is an ablation.
-VARIANTS = {
-    "trained": "the model under evaluation, in its contract's default reasoning mode",
-    "untrained": "the backbone before any moon3 training",
-    "reasoning_off": "the trained model with reasoning: off (empty trace)",
-    "reasoning_on": "the trained model with reasoning: on (it was trained with traces)",
-    "reasoning_on_forced": "the trained model forced to reason, though it was trained without traces",
-    "no_fusion": "ablation: trained without the modality fusion head",
-    "no_fire": "ablation: trained without FIRE injection",
-    "no_rl": "ablation: contrastive stage only, no GRPO",
-    "no_reasoning": "ablation: trained without reasoning traces",
-    "ref_tfidf": "non-learned: character n-gram TF-IDF of the text (fit on train-split product texts)",
-    "ref_pixels": "non-learned: raw 32x32 pixels, mean-centred, cosine",
-    "ref_tfidf_pixels": "non-learned: TF-IDF and pixels as two normalised halves",
-}
-BASELINES = ("untrained", "reasoning_off", "reasoning_on", "reasoning_on_forced")
 
 
 def variant_role(name: str, against: str) -> str:
@@ -79,8 +62,9 @@ def evaluate(
 
     Args:
         cfg: the ``eval`` section of ``params.yaml``.
-        variants: name -> embedder, in table order (see :data:`VARIANTS`); deltas are against ``trained``
-            (else the first variant), whose top-5 results are the qualitative examples.
+        variants: name -> embedder, in table order (``trained``, then
+            :data:`~moon3.eval.variants.BASELINES`, then ablations); deltas are against ``trained`` (else the
+            first variant), whose top-5 results are the qualitative examples.
         data_dir: a dataset folder (``products.parquet``, ``queries.parquet``, images).
         out_dir: where the outputs go; default ``cfg.out_dir``.
         progress: progress bars while embedding.
@@ -107,7 +91,8 @@ def evaluate(
     data = load_eval_data(data_dir, cfg)
     references, unbuilt = build_references(cfg.references, data)
     saved = {name: fn.path for name, fn in variants.items() if isinstance(getattr(fn, "path", None), str)}
-    models = {name: model_record(path) for name, path in saved.items()}
+    records = {path: model_record(path) for path in dict.fromkeys(saved.values())}  # one read per folder
+    models = {name: records[path] for name, path in saved.items()}
     against = "trained" if "trained" in variants else next(iter(variants))
     results: dict[str, list[TaskResult]] = {}
     seconds: dict[str, float] = {}
@@ -140,8 +125,8 @@ def evaluate(
         examples=examples,
         provenance=collect_provenance(data, data_dir, models, cfg, params=params, source=source),
     )
-    paths = write_report(summary, out_dir or cfg.out_dir)
     metrics = metrics_json(summary)
+    paths = write_report(summary, out_dir or cfg.out_dir, metrics=metrics)
     return {
         "metrics": metrics,
         "flat": flatten_metrics(metrics),

@@ -120,10 +120,15 @@ def classification_metrics(
         raise ValueError(f"{len(item_emb)} item embeddings but {len(y_true)} labels")
     if len(y_true) == 0:
         return None
-    y_pred = zero_shot_predict(item_emb, class_emb)
+    return prediction_metrics(y_true, zero_shot_predict(item_emb, class_emb), len(class_emb), with_confusion)
+
+
+def prediction_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, with_confusion: bool = False) -> dict:
+    """:func:`classification_metrics` from predictions already made (``{"accuracy", "macro_f1", "n",
+    ["confusion"]}``), for callers that also need the per-item predictions."""
     out = {"accuracy": accuracy(y_true, y_pred), "macro_f1": macro_f1(y_true, y_pred), "n": len(y_true)}
     if with_confusion:
-        out["confusion"] = confusion_matrix(y_true, y_pred, len(class_emb)).tolist()
+        out["confusion"] = confusion_matrix(y_true, y_pred, n_classes).tolist()
     return out
 
 

@@ -123,12 +123,18 @@ def _without_thumbnails(summary: dict[str, Any]) -> dict[str, Any]:
     return {**summary, "examples": examples}
 
 
-def write_report(summary: dict[str, Any], out_dir: str | Path, title: str = "MOON3 evaluation") -> dict[str, str]:
-    """Write every output file (see the module docstring) and return their paths by role."""
+def write_report(
+    summary: dict[str, Any], out_dir: str | Path, title: str = "MOON3 evaluation", metrics: dict | None = None
+) -> dict[str, str]:
+    """Write every output file (see the module docstring) and return their paths by role.
+
+    ``metrics`` is :func:`metrics_json` of ``summary`` when the caller has it already.
+    """
     out = Path(out_dir)
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics_json(summary), indent=2) + "\n")
+    metrics = metrics_json(summary) if metrics is None else metrics
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "results.json").write_text(json.dumps(_without_thumbnails(summary), indent=2, default=str) + "\n")
     csvs = write_plot_data(summary, plot_dir)
     pngs = plot_recall_curves(summary, plot_dir) + plot_confusion(summary, plot_dir)

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from moon3.eval.config import EvalConfig
 from moon3.eval.data import QUERY_TASKS, EvalData
-from moon3.eval.metrics import classification_metrics, recall_curve, retrieval_metrics, zero_shot_predict
+from moon3.eval.metrics import prediction_metrics, recall_curve, retrieval_metrics, zero_shot_predict
 from moon3.eval.search import positive_ranks
 from moon3.model.items import attribute_text, product_item, product_text, query_item
 
@@ -352,10 +352,11 @@ def _classify(data: EvalData, views: ProductViews, kind: str, view: str, name: s
     class_emb = views.texts(task.prompts, what)
     items = _rows_of(views, view, task.rows)
     level_1 = kind == CLASSIFICATION and name == "level_1"
-    out = classification_metrics(items, class_emb, task.y_true, with_confusion=level_1)
+    y_pred = zero_shot_predict(items, class_emb)  # once: the metrics and the per-item outcomes share it
+    out = prediction_metrics(task.y_true, y_pred, len(class_emb), with_confusion=level_1) if len(y_pred) else None
     details: dict[str, Any] = {"labels": task.labels}
     if out is not None and "confusion" in out:
         details["confusion"] = out.pop("confusion")
-    correct = zero_shot_predict(items, class_emb) == task.y_true
+    correct = y_pred == task.y_true
     details["per_item"] = {"correct": correct, "row": task.rows}
     return TaskResult(kind, name, out, details=details)

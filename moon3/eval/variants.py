@@ -20,6 +20,8 @@ from moon3.eval.config import METRICS_KEYS, REFERENCE_NAMES, EvalConfig
 from moon3.model.contract import CONTRACT_FILE, EmbeddingContract, load_contract, reasoning_label
 
 EXAMPLE_TRACES = 3  # decoded traces shown per reasoning-on variant
+# The built-in comparison rows beside ``trained``; any other model variant is an ablation.
+BASELINES = ("untrained", "reasoning_off", "reasoning_on", "reasoning_on_forced")
 
 
 def read_contract(path: str) -> tuple[EmbeddingContract, dict[str, Any]]:
@@ -151,8 +153,7 @@ def collect_variants(cfg: EvalConfig) -> tuple[dict[str, ModelEmbedFn], dict[str
     if cfg.other_reasoning_mode:
         name, reasoning = other_mode_variant(read_contract(cfg.model_dir)[0])
         variants[name] = ModelEmbedFn(cfg.model_dir, reasoning=reasoning, batch_size=cfg.batch_size)
-    builtin = ("trained", "untrained", "reasoning_off", "reasoning_on", "reasoning_on_forced")
-    reserved = {*builtin, *REFERENCE_NAMES, *METRICS_KEYS}
+    reserved = {"trained", *BASELINES, *REFERENCE_NAMES, *METRICS_KEYS}
     for name, path in cfg.ablation_dirs.items():
         if name in reserved:
             raise ValueError(f"eval.ablation_dirs: {name!r} clashes with a built-in variant name")

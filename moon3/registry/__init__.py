@@ -1,1 +1,1 @@
-"""moon3.registry."""
+"""moon3.registry: MLflow model registry and CI-gated promotion. Not built yet (an empty placeholder)."""

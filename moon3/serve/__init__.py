@@ -1,1 +1,1 @@
-"""moon3.serve."""
+"""moon3.serve: the KServe predictor and search endpoint. Not built yet (an empty placeholder)."""

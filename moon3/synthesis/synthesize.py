@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moon3.data.schema import TRACES, read_dataset, table_path, write_table
+from moon3.data.schema import TRACE_SCHEMA, TRACES, read_dataset, table_path, write_table
 from moon3.synthesis.grounding import gate_traces
 from moon3.synthesis.teacher import PRODUCT, QUERY, SynthesisItem
 
@@ -164,19 +164,14 @@ def synthesize(
             rejected.append({**row, "item_id": item.item_id, "kind": item.kind, "reason": reason})
     if len(items) != len(accepted) + len(rejected):
         raise RuntimeError(f"synthesis lost items: {len(items)} in, {len(accepted)} accepted, {len(rejected)} other")
-    write_table(pd.DataFrame(accepted, columns=[f.name for f in _trace_fields()]), table_path(out, TRACES), TRACES)
+    # The columns name the schema even when nothing was accepted (an empty, well-typed table).
+    write_table(pd.DataFrame(accepted, columns=TRACE_SCHEMA.names), table_path(out, TRACES), TRACES)
     pd.DataFrame(rejected).to_parquet(reports / "rejected.parquet")
     report = _report(items, outcomes, results, counts, sc.teacher)
     report["not_asked"] = skipped  # items the teacher has no facts for (image-only queries for `attributes`)
     (reports / "synthesis_report.json").write_text(json.dumps(report, indent=2) + "\n")
     (reports / "synthesis_report.html").write_text(_html(report))
     return report
-
-
-def _trace_fields():
-    from moon3.data.schema import TRACE_SCHEMA
-
-    return list(TRACE_SCHEMA)
 
 
 def _report(items, outcomes, results, counts: Counter, teacher: str) -> dict[str, Any]:

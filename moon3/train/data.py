@@ -188,14 +188,18 @@ class HardNegativeSampler:
             if self.hard_negatives == 0:
                 break
             pool = self.data.hard_negative_pool(int(query), rng, self.mode)
-            relevant = self.data.relevant(np.array([query]), np.arange(n_products))[0]
+            # Only a category query has other relevant products (its pool already leaves them out; the top-up
+            # below must too).
+            relevant = set()
+            if self.data.category_level[query] >= 0:
+                relevant = set(np.flatnonzero(self.data.relevant(np.array([query]), np.arange(n_products))[0]).tolist())
             picked = 0
             # The pool first; a too-small pool is topped up from the whole catalog so every rank holds the same
             # number of products (all_gather needs equal shapes).
             for candidate in np.concatenate([pool, rng.permutation(n_products)]):
                 if picked == self.hard_negatives:
                     break
-                if int(candidate) not in taken and not relevant[candidate]:  # one copy per global batch
+                if int(candidate) not in taken and int(candidate) not in relevant:  # one copy per global batch
                     taken.add(int(candidate))
                     negatives_per_rank[i // self.batch_size].append(int(candidate))
                     picked += 1
