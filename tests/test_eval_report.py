@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 
 from moon3.common.provenance import git_dirty, git_sha, params_hash
-from moon3.config import Moon3Config
+from moon3.config import Moon3Config, load_config
 from moon3.data.config import DataConfig
 from moon3.data.mini import make_sample
 from moon3.data.schema import PRODUCTS, read_dataset, table_path, write_table
 from moon3.eval.config import EvalConfig
 from moon3.eval.evaluate import evaluate
+from moon3.eval.render import render_html, render_markdown
+from moon3.eval.report import synthesis_section
+from moon3.synthesis.synthesize import synthesize
 
 
 def test_params_hash_and_git_sha():
@@ -60,8 +63,11 @@ def report(tmp_path_factory) -> tuple[dict, Path]:
     write_table(products, table_path(root, PRODUCTS), PRODUCTS)
     variants = {"trained": hashed("t"), "untrained": collapsed, "no_fusion": hashed("f")}
     params = Moon3Config().to_dict()
+    synthesis = load_config(None, ["synthesis.teacher=attributes", f"synthesis.cache_path={root / 'cache.sqlite'}"])
+    synthesize(synthesis, root, root / "traces", root / "synthesis", progress=False)
+    report = str(root / "traces" / "synthesis_report.json")
     out = evaluate(
-        EvalConfig(embed_chunk=32, bootstrap_samples=200, example_queries=2),
+        EvalConfig(embed_chunk=32, bootstrap_samples=200, example_queries=2, synthesis_report=report),
         variants,
         root,
         root / "report",
@@ -163,3 +169,27 @@ def test_examples_show_thumbnails_in_html_only(report):
         marked = [p["product_id"] for p in e["top"] if p["positive"]]
         assert marked == ([e["positive_id"]] if e["rank"] <= 5 else [])
         assert f"positive {e['positive_id']} at rank {e['rank']}" in section
+
+
+def test_report_has_a_synthesis_section(report):
+    out, root = report
+    syn = json.loads((root / "traces" / "synthesis_report.json").read_text())
+    md = Path(out["paths"]["markdown"]).read_text()
+    section = md.split("## Trace synthesis")[1].split("\n## ")[0]
+    assert f"- Teacher attributes: {syn['in']} in, {syn['accepted']} accepted, 0 rejected, 0 failed; " in section
+    assert f"claim accuracy 100.0%, mean trace tokens {syn['mean_tokens']:.1f}" in section
+    assert f"- Full report: {root / 'synthesis' / 'synthesis_report.html'} (counts from " in section
+    assert md.index("## Provenance") < md.index("## Trace synthesis") < md.index("## Comparison")
+    html = Path(out["paths"]["html"]).read_text()
+    assert "<h2>Trace synthesis</h2>" in html and f"<a href='{root / 'synthesis' / 'synthesis_report.html'}'>" in html
+    assert "synthesis" not in out["metrics"]  # a section of the report, not a metric
+
+
+def test_report_notes_a_missing_synthesis_report(report, tmp_path):
+    out, root = report
+    summary = json.loads(Path(out["paths"]["results"]).read_text())
+    summary["synthesis"] = synthesis_section(str(tmp_path / "none.json"))
+    note = f"Synthesis report {tmp_path / 'none.json'}: missing (no file there)"
+    assert note in render_markdown(summary, [], root, "t") and note in render_html(summary, [], "t")
+    summary["synthesis"] = synthesis_section("")  # '' = no section
+    assert "Trace synthesis" not in render_markdown(summary, [], root, "t") + render_html(summary, [], "t")

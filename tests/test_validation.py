@@ -12,13 +12,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from moon3.data.io import load_image
-from moon3.data.schema import PRODUCTS, QUERIES, read_table, table_path, write_table
+from moon3.data.schema import PRODUCTS, QUERIES, TRACES, read_table, table_path, write_table
 from moon3.validation.config import ValidationConfig
 from moon3.validation.gate import ValidationResult, _rebase_uri, validate
 
@@ -312,3 +313,62 @@ def test_cli_exits_1_with_a_readable_message(mini_dataset, tmp_path, monkeypatch
                                   f"validation.in_dir={mini_dataset}"])  # fmt: skip
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "data/validated/products.parquet").exists()
+
+
+def _trace(product_id: str, query_id: str | None = None) -> dict:
+    return {"product_id": product_id, "query_id": query_id, "trace": "color: red", "teacher": "t", "prompt_hash": "h",
+            "decoding": "{}", "grounded_score": None}  # fmt: skip
+
+
+def test_imported_traces_are_carried_through_with_reasons(mini_dataset, tmp_path):
+    data = _copy(mini_dataset, tmp_path / "data", products=lambda df, root: _set(df, 5, "title", " "))
+    products = read_table(table_path(data, PRODUCTS), PRODUCTS)
+    queries = read_table(table_path(data, QUERIES), QUERIES)
+    train = products.loc[products["split"] == "train", "product_id"].tolist()
+    eval_product = products.loc[products["split"] == "eval", "product_id"].iloc[0]
+    quarantined = products["product_id"].iloc[5]
+    ok_query = queries[(queries["split"] == "train") & (queries["positive_product_id"] != quarantined)].iloc[0]
+    eval_query = queries[queries["split"] == "eval"].iloc[0]
+    rows = [
+        _trace(train[0]),  # accepted
+        _trace(ok_query["positive_product_id"], ok_query["query_id"]),  # accepted
+        _trace(quarantined),  # its product was quarantined: unknown_item
+        _trace("p_nope"),  # unknown_item
+        _trace(train[1], ok_query["query_id"]),  # not the query's positive: unknown_item
+        _trace(eval_product),  # not_train_split
+        _trace(eval_query["positive_product_id"], eval_query["query_id"]),  # not_train_split
+    ]
+    write_table(pd.DataFrame(rows), table_path(data, TRACES), TRACES)
+    result = _run(tmp_path, data, max_reject_fraction=0.05)
+    assert result.passed, [f.to_dict() for f in result.blocking]
+    _reconciles(result, data)
+    m = result.metrics[TRACES]
+    assert m["rows_in"] == 7 == m["rows_accepted"] + m["rows_quarantined"] and m["rows_accepted"] == 2
+    assert m["reasons"] == {"unknown_item": 3, "not_train_split": 2}
+    dropped = read_table(table_path(result.quarantine_dir, TRACES), TRACES, check=False)
+    assert [list(r) for r in dropped["reasons"]] == [["unknown_item"]] * 3 + [["not_train_split"]] * 2
+    accepted = read_table(table_path(result.out_dir, TRACES), TRACES)
+    assert accepted[["product_id", "query_id"]].fillna("").values.tolist() == [
+        [train[0], ""], [ok_query["positive_product_id"], ok_query["query_id"]]
+    ]  # fmt: skip
+    failure = _failure(result, "unknown_item")
+    assert failure.table == TRACES and not failure.blocking and failure.examples == [quarantined, "p_nope",
+                                                                                     ok_query["query_id"]]  # fmt: skip
+    assert json.loads(result.paths["metrics"].read_text())[TRACES]["rows_quarantined"] == 5
+    html = result.paths["html_report"].read_text()
+    assert "<td>traces</td><td>7</td><td>2</td><td>5</td>" in html and "not_train_split" in html
+
+    again = _run(tmp_path, mini_dataset)  # a dataset without traces: none written, no stale ones left behind
+    assert again.passed and TRACES not in again.metrics
+    assert not table_path(again.out_dir, TRACES).exists() and not table_path(again.quarantine_dir, TRACES).exists()
+
+
+def test_trace_table_of_the_wrong_type_fails_the_gate_naming_file_and_column(mini_dataset, tmp_path):
+    data = _copy(mini_dataset, tmp_path / "data")
+    path = table_path(data, TRACES)
+    table = pa.table({**{k: pa.array([v]) for k, v in _trace("p000").items() if k != "grounded_score"},
+                      "grounded_score": pa.array(["1.0"])})  # fmt: skip
+    pq.write_table(table, path)
+    result = _run(tmp_path, data)
+    assert not result.passed
+    assert [f.message for f in result.blocking] == [f"{path}: column 'grounded_score' has type string, expected double"]

@@ -36,7 +36,8 @@ class EvalConfig:
         default="{name}", metadata={"help": "Text embedded for a category in zero-shot classification."}
     )
     model_dir: str = field(
-        default="models/pretrain/final", metadata={"help": "The model under evaluation (variant 'trained')."}
+        default="models/rl/final",
+        metadata={"help": "The model under evaluation (variant 'trained'): the RL model, or its pretrained copy."},
     )
     baseline_dir: str = field(
         default="models/pretrain/init", metadata={"help": "Untrained baseline (variant 'untrained'); '' = none."}
@@ -49,7 +50,7 @@ class EvalConfig:
         },
     )
     ablation_dirs: dict[str, str] = field(
-        default_factory=dict,
+        default_factory=lambda: {"no_rl": "models/pretrain/final"},
         metadata={
             "help": "Ablation name -> saved model (e.g. no_fusion: models/abl/no_fusion/final); missing ones "
             "are listed as not evaluated."
@@ -70,4 +71,11 @@ class EvalConfig:
     )
     mlflow_experiment: str = field(
         default="moon3", metadata={"help": "MLflow experiment for the metrics and the report; '' = no MLflow."}
+    )
+    synthesis_report: str = field(
+        default="data/traces/synthesis_report.json",
+        metadata={
+            "help": "The synthesis report written beside the traces the model was trained on (the synthesize "
+            "stage's out_dir): its counts are a section of the report; '' = no section; a missing file is noted."
+        },
     )

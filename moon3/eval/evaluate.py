@@ -22,7 +22,7 @@ from moon3.eval.data import load_eval_data
 from moon3.eval.provenance import collect_provenance
 from moon3.eval.qualitative import build_examples
 from moon3.eval.references import build_references, reference_rows
-from moon3.eval.report import flatten_metrics, metrics_json, summarize, write_report
+from moon3.eval.report import flatten_metrics, metrics_json, summarize, synthesis_section, write_report
 from moon3.eval.tables import main_table_markdown
 from moon3.eval.tasks import EmbedFn, TaskResult, run_tasks
 from moon3.eval.variants import BASELINES, collect_variants, model_record
@@ -124,6 +124,7 @@ def evaluate(
         below_references=below_references(deltas, list(references)),
         examples=examples,
         provenance=collect_provenance(data, data_dir, models, cfg, params=params, source=source),
+        synthesis=synthesis_section(cfg.synthesis_report),
     )
     metrics = metrics_json(summary)
     paths = write_report(summary, out_dir or cfg.out_dir, metrics=metrics)

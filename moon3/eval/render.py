@@ -1,6 +1,7 @@
 """The evaluation report as Markdown and as one self-contained HTML page (plots and thumbnails inlined).
 
-Section order: provenance, the "below the non-learned references" block, the comparison table (with chance
+Section order: provenance, trace synthesis (the counts of the traces the model was trained on), the "below the
+non-learned references" block, the comparison table (with chance
 and majority rows), reasoning modes and traces, paired deltas vs the trained model (ablations, baselines,
 references), per-task details, qualitative examples, what was not scored, plots.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,47 @@ def provenance_lines(prov: dict[str, Any]) -> list[str]:
     return lines
 
 
+SYNTHESIS_TITLE = "Trace synthesis"
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _reasons(rejected: dict[str, int] | None) -> str:
+    rejected = rejected or {}
+    detail = ", ".join(f"{reason} {n}" for reason, n in sorted(rejected.items()))
+    return f"{sum(rejected.values())} rejected" + (f" ({detail})" if detail else "")
+
+
+def synthesis_lines(summary: dict[str, Any]) -> list[str]:
+    """The trace synthesis section as plain lines (empty: no section, ``eval.synthesis_report`` is '')."""
+    syn = summary.get("synthesis")
+    if not syn:
+        return []
+    if syn.get("missing"):
+        return [f"Synthesis report {syn['path']}: missing ({syn['missing']}); the traces' counts are not known here."]
+    mean_tokens = "n/a" if syn.get("mean_tokens") is None else f"{syn['mean_tokens']:.1f}"
+    lines = [
+        f"Teacher {syn.get('teacher')}: {syn.get('in')} in, {syn.get('accepted')} accepted, "
+        f"{_reasons(syn.get('rejected'))}, {syn.get('failed')} failed; claim accuracy "
+        f"{_fraction(syn.get('claim_accuracy'))}, mean trace tokens {mean_tokens}",
+        f"Not asked: {syn.get('not_asked')} items the teacher has no facts for, {syn.get('covered_by_imported')} "
+        "with an accepted imported trace",
+    ]
+    imported = syn.get("imported")
+    if imported:
+        lines.append(
+            f"Imported traces: {imported.get('in')} in, {imported.get('accepted')} accepted, "
+            f"{_reasons(imported.get('rejected'))}"
+        )
+    trained = ((summary.get("provenance") or {}).get("models") or {}).get(summary.get("against", "trained"), {})
+    if (trained.get("training") or {}).get("traces") is False:
+        lines.append("The trained model's record says it was trained without traces: these counts did not reach it")
+    lines.append(f"Full report: {syn.get('report_html') or 'unknown'} (counts from {syn['path']})")
+    return lines
+
+
 def not_scored_lines(summary: dict[str, Any]) -> list[str]:
     """Variants not evaluated, then skipped tasks: once for all variants when they all skip a task for the same
     reason, else per variant with the tasks that share a reason on one line."""
@@ -127,6 +170,9 @@ def render_markdown(summary: dict[str, Any], pngs: list[Path], out: Path, title:
     """The report as Markdown (plots linked, examples listed by product id)."""
     parts = [f"# {title}", "", "## Provenance", ""]
     parts += [f"- {line}" for line in provenance_lines(summary.get("provenance"))]
+    synthesis = synthesis_lines(summary)
+    if synthesis:
+        parts += ["", f"## {SYNTHESIS_TITLE}", "", *[f"- {line}" for line in synthesis]]
     warning, lines = below_reference_lines(summary)
     head = "## ⚠ Below the non-learned references" if warning else "## Non-learned references"
     parts += ["", head, "", *[f"- {line}" if i else line for i, line in enumerate(lines)], ""]
@@ -211,8 +257,23 @@ def _examples_html(examples: list[dict[str, Any]]) -> list[str]:
     return parts
 
 
-def render_html(summary: dict[str, Any], pngs: list[Path], title: str) -> str:
-    """The report as one self-contained HTML page (PNGs and thumbnails inlined as base64 data URIs)."""
+def _synthesis_html(summary: dict[str, Any], out: Path | None) -> list[str]:
+    lines = synthesis_lines(summary)
+    if not lines:
+        return []
+    items = [f"<li>{html.escape(line)}</li>" for line in lines]
+    syn = summary["synthesis"]
+    report = syn.get("report_html")
+    if report and out is not None and not syn.get("missing"):  # the last line names the full report: link it
+        href = Path(report) if Path(report).is_absolute() else Path(os.path.relpath(report, out))
+        link = f"<a href='{html.escape(href.as_posix())}'>{html.escape(report)}</a>"
+        items[-1] = f"<li>Full report: {link} (counts from {html.escape(syn['path'])})</li>"
+    return [f"<h2>{SYNTHESIS_TITLE}</h2><ul>", *items, "</ul>"]
+
+
+def render_html(summary: dict[str, Any], pngs: list[Path], title: str, out: Path | None = None) -> str:
+    """The report as one self-contained HTML page (PNGs and thumbnails inlined as base64 data URIs); ``out``, its
+    folder, makes the link to the full synthesis report relative."""
     esc = html.escape
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
@@ -220,6 +281,7 @@ def render_html(summary: dict[str, Any], pngs: list[Path], title: str) -> str:
         "<h2>Provenance</h2><ul>",
         *[f"<li>{esc(line)}</li>" for line in provenance_lines(summary.get("provenance"))],
         "</ul>",
+        *_synthesis_html(summary, out),
     ]
     warning, lines = below_reference_lines(summary)
     head = "⚠ Below the non-learned references" if warning else "Non-learned references"

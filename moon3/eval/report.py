@@ -14,6 +14,9 @@ Files written under ``out_dir``::
     report.md                         the same tables, PNGs linked
 
 Metric names avoid ``@`` (``recall_at_10``) because MLflow rejects it in metric keys.
+
+The reports' "Trace synthesis" section reads the ``synthesis_report.json`` the synthesize stage writes beside the
+traces (``eval.synthesis_report``, see :func:`synthesis_section`); it adds nothing to ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -115,6 +118,38 @@ def metrics_json(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def synthesis_section(path: str) -> dict[str, Any] | None:
+    """What the report states about the traces the model was trained on, from the synthesize stage's report.
+
+    Args:
+        path: ``eval.synthesis_report``; ``''`` means no section.
+
+    Returns:
+        None for no section; ``{"path", "missing": reason}`` when the file is absent or unreadable (noted in the
+        report, never an error); else ``path``, ``teacher``, the counts (``in``, ``accepted``, ``rejected`` by
+        reason, ``failed``, ``not_asked``, ``covered_by_imported``), ``claim_accuracy``, ``mean_tokens``,
+        ``imported`` (``in``, ``accepted``, ``rejected``; None without imported traces) and ``report_html``.
+    """
+    if not path:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        return {"path": path, "missing": "no file there"}
+    try:
+        report = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        return {"path": path, "missing": f"unreadable: {err}"}
+    imported = report.get("imported") or {}
+    keys = ("teacher", "in", "accepted", "rejected", "failed", "not_asked", "covered_by_imported", "claim_accuracy",
+            "mean_tokens", "report_html")  # fmt: skip
+    return {
+        "path": path,
+        "missing": None,
+        **{k: report.get(k) for k in keys},
+        "imported": {k: imported.get(k) for k in ("in", "accepted", "rejected")} if imported.get("file") else None,
+    }
+
+
 def _without_thumbnails(summary: dict[str, Any]) -> dict[str, Any]:
     examples = [
         {**e, "query_thumb": None, "positive_thumb": None, "top": [{**p, "thumb": None} for p in e["top"]]}
@@ -139,7 +174,7 @@ def write_report(
     csvs = write_plot_data(summary, plot_dir)
     pngs = plot_recall_curves(summary, plot_dir) + plot_confusion(summary, plot_dir)
     (out / "report.md").write_text(render_markdown(summary, pngs, out, title))
-    (out / "report.html").write_text(render_html(summary, pngs, title))
+    (out / "report.html").write_text(render_html(summary, pngs, title, out))
     return {
         "metrics": str(out / "metrics.json"),
         "results": str(out / "results.json"),

@@ -11,7 +11,10 @@ class SynthesisConfig:
 
     teacher: str = field(
         default="attributes",
-        metadata={"help": "attributes (offline, from the catalog's structured data) | openai | hf | none (skip)."},
+        metadata={
+            "help": "attributes (offline, from the catalog's structured data) | openai (an OpenAI-compatible "
+            "endpoint) | hf (a local Qwen-VL model folder, synthesis.hf_model) | none (skip)."
+        },
     )
     out_dir: str = field(default="data/traces", metadata={"help": "traces.parquet (accepted traces) goes here."})
     report_dir: str = field(
@@ -23,7 +26,9 @@ class SynthesisConfig:
     )
     products: bool = field(default=True, metadata={"help": "Write traces for training products."})
     queries: bool = field(default=True, metadata={"help": "Write traces for training queries."})
-    seed: int = field(default=0, metadata={"help": "Seed of the attributes teacher's phrasing."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the attributes teacher's phrasing and of the hf teacher's sampling."}
+    )
     vary_order: bool = field(
         default=False, metadata={"help": "attributes teacher: shuffle the attribute lines per item (harder to learn)."}
     )
@@ -38,8 +43,27 @@ class SynthesisConfig:
             "no key, as for a local vLLM). The key itself is read at call time and never stored or logged."
         },
     )
-    temperature: float = field(default=0.7, metadata={"help": "Teacher sampling temperature."})
-    max_tokens: int = field(default=256, metadata={"help": "Teacher answer budget in its own tokens."})
+    hf_model: str = field(
+        default="",
+        metadata={"help": "hf teacher: local folder or gs:// URI of an HF image-text-to-text model (e.g. Qwen2.5-VL)."},
+    )
+    hf_batch_size: int = field(
+        default=8,
+        metadata={"help": "hf teacher: items per generate call (batches fill only if concurrency >= this)."},
+    )
+    hf_device: str = field(
+        default="auto", metadata={"help": "hf teacher: auto (cuda if available, else cpu) | cpu | cuda | cuda:N."}
+    )
+    hf_trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "hf teacher: run the folder's own model code (only this setting can allow it)."},
+    )
+    temperature: float = field(
+        default=0.7, metadata={"help": "Teacher sampling temperature (hf teacher: 0 = greedy decoding)."}
+    )
+    max_tokens: int = field(
+        default=256, metadata={"help": "Teacher answer budget in its own tokens (hf teacher: max_new_tokens)."}
+    )
     concurrency: int = field(default=8, metadata={"help": "Requests in flight at once."})
     timeout_s: float = field(default=60.0, metadata={"help": "Per-request timeout in seconds."})
     max_retries: int = field(default=5, metadata={"help": "Retries on 429, 5xx, timeouts and dropped connections."})

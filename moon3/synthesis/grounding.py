@@ -8,7 +8,9 @@ product's, or a query's positive's, category path and attributes):
   claim must be the true path or a prefix of it);
 - ``over_budget``: longer than the contract's trace budget in tokens of the model's tokenizer;
 - ``below_grounding``: the share of claims about known keys that are right is below ``min_grounded_score``;
-- ``duplicate``: the same item already has this trace.
+- ``duplicate``: the same item already has this trace;
+- ``unknown_item``: the trace names no training product or query of the dataset (only imported traces can: the
+  stage builds the teacher's items from the validated tables).
 
 Accepted traces keep the metadata of method.md section 5 and a ``grounded_score`` (right claims / all
 claims; a claim about a key the catalog does not have counts as not grounded). Counts always reconcile:
@@ -26,12 +28,13 @@ from moon3.synthesis.attributes import CATEGORY_KEY, PATH_SEPARATOR
 from moon3.synthesis.teacher import SynthesisItem
 
 _LINE = re.compile(r"^\s*([^:\n]{1,64}?)\s*:\s*(.+?)\s*$")
-UNPARSEABLE, CONTRADICTS, OVER_BUDGET, BELOW_GROUNDING, DUPLICATE = (
+UNPARSEABLE, CONTRADICTS, OVER_BUDGET, BELOW_GROUNDING, DUPLICATE, UNKNOWN_ITEM = (
     "unparseable",
     "contradicts_attribute",
     "over_budget",
     "below_grounding",
     "duplicate",
+    "unknown_item",
 )
 
 
@@ -92,15 +95,19 @@ def check_trace(
 
 
 def gate_traces(
-    items: Sequence[SynthesisItem],
+    items: Sequence[SynthesisItem | None],
     traces: Sequence[str | None],
     count_tokens: Callable[[str], int],
     budget: int,
     min_grounded_score: float,
 ) -> tuple[list[GateResult | None], Counter]:
-    """Check every item's trace (None: the teacher failed). Returns per-item results (None for failures) and
-    the counts by outcome (``accepted``, each rejection reason, ``failed``)."""
-    seen: set[tuple[str, str]] = set()
+    """Check every item's trace (None: the teacher failed; an item None: the trace's item is unknown).
+
+    Returns:
+        Per-item results (None for failures) and the counts by outcome (``accepted``, each rejection reason,
+        ``failed``); they always sum to ``len(items)``.
+    """
+    seen: set[tuple[str, str, str]] = set()
     results: list[GateResult | None] = []
     counts: Counter = Counter()
     for item, trace in zip(items, traces, strict=True):
@@ -108,8 +115,13 @@ def gate_traces(
             results.append(None)
             counts["failed"] += 1
             continue
+        if item is None:
+            result = GateResult(UNKNOWN_ITEM, 0.0, 0, 0, count_tokens(trace))
+            counts[UNKNOWN_ITEM] += 1
+            results.append(result)
+            continue
         result = check_trace(item, trace, count_tokens, budget, min_grounded_score)
-        key = (item.item_id, trace.strip())
+        key = (item.kind, item.item_id, trace.strip())
         if result.reason is None and key in seen:
             result.reason = DUPLICATE
         seen.add(key)

@@ -4,5 +4,6 @@
 ``ValidationResult`` (passed, metrics, failures, paths) and never raises on bad data. Modules: ``config``
 (``params.yaml`` section ``validation``), ``images`` (per-path image checks), ``checks`` (vectorised check
 frames and the rules), ``suites`` (the Great Expectations 1.x run; the only module that imports GX),
-``report`` (HTML/JSON), ``gate`` (the flow, quarantine and outputs).
+``report`` (HTML/JSON; its blocks also render the synthesis report), ``gate`` (the flow, quarantine and
+outputs; traces that arrive with the dataset are carried through, see :mod:`moon3.validation.gate`).
 """

@@ -352,3 +352,49 @@ def query_checks(cfg: ValidationConfig) -> list[Check]:
                          & (f["query_split"] != f["positive_split"])).to_numpy()),
         *_table_checks(cfg),
     ]  # fmt: skip
+
+
+# --- traces -----------------------------------------------------------------------------------------------
+
+UNKNOWN_ITEM, NOT_TRAIN_SPLIT = "unknown_item", "not_train_split"
+TRACE_RULES = {
+    UNKNOWN_ITEM: "the trace's product (query_id null) or query, with that query's positive as product_id, is in "
+    "the accepted tables",
+    NOT_TRAIN_SPLIT: "the trace's product or query is in the train split (no evaluation item reaches training)",
+}
+
+
+def trace_reasons(
+    traces: pa.Table, products: pa.Table, queries: pa.Table, quarantined: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Row masks of the trace rules (:data:`TRACE_RULES`): each trace row breaks at most one.
+
+    A trace with ``query_id`` null belongs to the product ``product_id``; otherwise to the query, whose positive
+    must be ``product_id``. An item that is missing or was quarantined (``quarantined``: the products and
+    queries masks) is ``unknown_item``; a known item outside ``train`` is ``not_train_split``.
+    """
+    product_ids = _column(traces, "product_id")
+    query_ids = _column(traces, "query_id")
+    is_query = pc.is_valid(query_ids).to_numpy(zero_copy_only=False)
+
+    def lookup(values: pa.Array, table: pa.Table, column: str, bad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = pc.index_in(values, value_set=_column(table, column), skip_nulls=True)
+        pos = pos.fill_null(-1).to_numpy(zero_copy_only=False)
+        at = np.maximum(pos, 0)
+        known = (pos >= 0) & ~bad[at] if len(bad) else np.zeros(len(pos), dtype=bool)
+        return known, at
+
+    product_known, p_at = lookup(product_ids, products, "product_id", quarantined["products"])
+    query_known, q_at = lookup(query_ids, queries, "query_id", quarantined["queries"])
+    positives = _strings(_column(queries, "positive_product_id"))
+    if len(positives):
+        query_known &= positives[q_at] == _strings(product_ids)
+    product_split = _strings(_column(products, "split"))
+    query_split = _strings(_column(queries, "split"))
+    in_train = np.where(
+        is_query,
+        query_split[q_at] == "train" if len(query_split) else False,
+        product_split[p_at] == "train" if len(product_split) else False,
+    )
+    unknown = ~np.where(is_query, query_known, product_known)
+    return {UNKNOWN_ITEM: unknown, NOT_TRAIN_SPLIT: ~unknown & ~in_train}

@@ -20,6 +20,12 @@ in the input are kept as they are.
 
 A query whose positive product was quarantined is quarantined too (reason ``positive_product_quarantined``), so
 no accepted query points at a product that is not in the accepted table.
+
+Traces that arrive with the dataset (an optional ``traces.parquet``, ``TRACE_SCHEMA``) are carried through: a
+schema error fails the gate like the other tables'; a trace whose product or query is missing or was quarantined
+(``unknown_item``) or is not in the train split (``not_train_split``) is quarantined (two Arrow lookups, no GX
+suite; these rows never fail the gate). Accepted traces go to ``out_dir/traces.parquet`` in input order; their
+content is judged later by the trace gate of the ``synthesize`` stage. Rows in = accepted + quarantined here too.
 """
 
 from __future__ import annotations
@@ -37,26 +43,28 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from moon3.data.io import is_gcs
-from moon3.data.schema import PRODUCTS, QUERIES, SCHEMAS, table_path
+from moon3.data.schema import PRODUCTS, QUERIES, SCHEMAS, TRACES, table_path
 from moon3.validation.checks import (
     INFO,
     ROW,
     TABLE,
+    TRACE_RULES,
     Check,
     product_checks,
     product_frame,
     query_checks,
     query_frame,
     read_checked,
+    trace_reasons,
 )
 from moon3.validation.config import ValidationConfig
 from moon3.validation.images import check_images
 from moon3.validation.report import render_html, write_json
 
 TABLES = (PRODUCTS, QUERIES)
-ID_COLUMN = {PRODUCTS: "product_id", QUERIES: "query_id"}
+ID_COLUMN = {PRODUCTS: "product_id", QUERIES: "query_id", TRACES: "product_id"}
 IMAGE_COLUMN = {PRODUCTS: "image", QUERIES: "query_image"}
-TEXT_COLUMN = {PRODUCTS: "title", QUERIES: "query_text"}
+TEXT_COLUMN = {PRODUCTS: "title", QUERIES: "query_text", TRACES: "query_id"}  # beside the id in quarantine examples
 GX_RESULTS, HTML_REPORT, METRICS = "gx_results.json", "validation_report.html", "validation_metrics.json"
 
 
@@ -114,7 +122,8 @@ def validate(
 
     Args:
         cfg: the ``validation`` section; its folders are used where the arguments are ``None``.
-        in_dir: dataset to validate (``products.parquet``, ``queries.parquet``, images).
+        in_dir: dataset to validate (``products.parquet``, ``queries.parquet``, images, optional
+            ``traces.parquet``).
         out_dir: accepted dataset, written only when the gate passes (stale tables there are removed first).
         quarantine_dir: ``<table>.parquet`` of rejected rows with ``reasons``.
         report_dir: ``gx_results.json``, ``validation_report.html``, ``validation_metrics.json``.
@@ -149,6 +158,8 @@ def validate(
     masks = {PRODUCTS: run.masks(PRODUCTS, frames[PRODUCTS], checks[PRODUCTS])}
     frames[QUERIES] = query_frame(arrow[QUERIES], arrow[PRODUCTS], run.quarantined[PRODUCTS], images)
     masks[QUERIES] = run.masks(QUERIES, frames[QUERIES], checks[QUERIES])
+    if TRACES in arrow:
+        run.check_traces(arrow)
     run.timings["checks"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -191,12 +202,14 @@ class _Run:
         if self.failures:
             return
         for folder in (self.out, self.quarantine):
-            for table in TABLES:
+            for table in (*TABLES, TRACES):
                 table_path(folder, table).unlink(missing_ok=True)
 
     def read(self) -> dict[str, pa.Table] | None:
+        """The input tables (``traces`` only when the dataset has one), or None after a schema error."""
         tables = {}
-        for table in TABLES:
+        optional = (TRACES,) if table_path(self.src, TRACES).exists() else ()
+        for table in (*TABLES, *optional):
             arrow, errors, extra = read_checked(table_path(self.src, table), table)
             for err in errors:
                 self._fail(table, "schema", err)
@@ -204,6 +217,34 @@ class _Run:
                 self.metrics.setdefault("dropped_columns", {})[table] = extra
             tables[table] = arrow
         return None if self.failures else tables
+
+    def check_traces(self, arrow: dict[str, pa.Table]) -> None:
+        """Quarantine traces whose item is not an accepted training product or query (see the module docstring)."""
+        traces = arrow[TRACES]
+        masks = trace_reasons(traces, arrow[PRODUCTS], arrow[QUERIES], self.quarantined)
+        quarantined = np.logical_or.reduce(list(masks.values()))
+        self.quarantined[TRACES] = quarantined
+        self.reasons[TRACES] = [[name for name, mask in masks.items() if mask[i]] for i in np.flatnonzero(quarantined)]
+        n, rejected = traces.num_rows, int(quarantined.sum())
+        self.metrics[TRACES] = {
+            "rows_in": n,
+            "rows_accepted": n - rejected,
+            "rows_quarantined": rejected,
+            "reject_fraction": rejected / n if n else 0.0,
+            "reasons": {name: int(mask.sum()) for name, mask in masks.items()},
+        }
+        if self.metrics[TRACES]["rows_accepted"] + rejected != n or len(self.reasons[TRACES]) != rejected:
+            raise RuntimeError(f"traces: {n} rows in but {n - rejected} accepted + {rejected} quarantined")
+        pairs = zip(traces.column("product_id").to_pylist(), traces.column("query_id").to_pylist(), strict=True)
+        item_ids = [q if q is not None else p for p, q in pairs]
+        k = self.cfg.examples_per_failure
+        for name, mask in masks.items():
+            count = int(mask.sum())
+            if count:
+                examples = [str(item_ids[i]) for i in np.flatnonzero(mask)[:k]]
+                message = f"{TRACE_RULES[name]}: {count} row{'' if count == 1 else 's'} quarantined"
+                self.failures.append(Failure(TRACES, name, name, "product_id/query_id", ROW, count, examples,
+                                             message=message))  # fmt: skip
 
     def _fail(self, table: str, check: str, message: str) -> None:
         self.failures.append(Failure(table, check, check, "", TABLE, 1, message=message))
@@ -268,9 +309,11 @@ class _Run:
 
     def write(self, arrow: dict[str, pa.Table], frames: dict[str, pd.DataFrame]) -> None:
         passed = not any(f.blocking for f in self.failures)
-        for table in TABLES:
+        tables = [t for t in (*TABLES, TRACES) if t in arrow]
+        for table in tables:
             rejected = arrow[table].take(pa.array(np.flatnonzero(self.quarantined[table]), type=pa.int64()))
-            rejected = self._rebase(rejected, table, self.quarantine)
+            if table in IMAGE_COLUMN:
+                rejected = self._rebase(rejected, table, self.quarantine)
             rejected = rejected.append_column("reasons", pa.array(self.reasons[table], type=pa.list_(pa.string())))
             schema = pa.schema([f.with_nullable(True) for f in rejected.schema])  # missing ids must fit too
             path = table_path(self.quarantine, table)
@@ -280,9 +323,10 @@ class _Run:
             self.examples[table] = _examples(rejected, table)
         if not passed:
             return
-        for table in TABLES:
+        for table in tables:
             accepted = arrow[table].filter(pa.array(~self.quarantined[table]))
-            accepted = self._rebase(accepted, table, self.out)
+            if table in IMAGE_COLUMN:
+                accepted = self._rebase(accepted, table, self.out)
             path = table_path(self.out, table)
             path.parent.mkdir(parents=True, exist_ok=True)
             # Same schema and compression as moon3.data.schema.write_table, without the pandas round trip
