@@ -414,9 +414,11 @@ if __name__ == "__main__":
 
 # --- stages that own their commands (moon3/<stage>/cli.py) -------------------------------------------------
 def _register_stage_commands() -> None:
+    from moon3.rl.cli import register as register_rl
     from moon3.synthesis.cli import register as register_synthesis
 
     register_synthesis(app)
+    register_rl(train_app)
 
 
 _register_stage_commands()

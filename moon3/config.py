@@ -23,6 +23,7 @@ from moon3.data.config import DataConfig
 from moon3.eval.config import EvalConfig
 from moon3.model.config import ModelConfig
 from moon3.pipelines.config import PipelineConfig
+from moon3.rl.grpo_config import RLConfig
 from moon3.synthesis.config import SynthesisConfig
 from moon3.train.config import TrainConfig
 from moon3.validation.config import ValidationConfig
@@ -45,6 +46,7 @@ class Moon3Config:
     )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Backbone and embedding contract."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Contrastive pretraining."})
+    rl: RLConfig = field(default_factory=RLConfig, metadata={"help": "RL fine-tuning with GRPO."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "MBE3.0-style evaluation."})
     pipeline: PipelineConfig = field(default_factory=PipelineConfig, metadata={"help": "Kubeflow pipeline."})
 

@@ -1,14 +1,16 @@
-"""The moon3 training pipeline: prepare (or import) -> validate -> [gate] -> synthesize -> pretrain -> evaluate.
+"""The moon3 training pipeline: prepare (or import) -> validate -> [gate] -> synthesize -> pretrain -> rl -> evaluate.
 
 Run-time arguments (editable in the KFP UI):
-    params: the stage sections of ``params.yaml`` (``data``, ``validation``, ``model``, ``train``, ``eval``),
-        defaulting to the file the pipeline was compiled from.
+    params: the stage sections of ``params.yaml`` (``data``, ``validation``, ``synthesis``, ``model``, ``train``,
+        ``rl``, ``eval``), defaulting to the file the pipeline was compiled from.
     overrides: ``section.key=value`` strings applied on top, like ``--set`` on the CLI.
     dataset_uri: only with ``pipeline.prepare: false``: a moon3-format dataset folder (``gs://...``) that is
         imported as is instead of running ``prepare``.
 
 Compile-time settings come from ``params.yaml``'s ``pipeline`` section: the image, caching, the GPU node pool
-of the training step, the scratch volume and the trainer (``accelerate`` in the pod or a ``trainjob``).
+of the training steps, the scratch volume and the trainer of pretraining (``accelerate`` in the pod or a
+``trainjob``). RL fine-tuning (``rl``) always runs in its own pod on the GPU node pool, one process, with its
+checkpoints on the scratch volume; evaluation scores the RL model, with the pretrained one as ``no_rl``.
 
 Compile with ``moon3 pipeline compile`` (or ``build_pipeline(load_config(...))`` and the KFP compiler).
 """
@@ -30,6 +32,7 @@ gate_failed = load_component("validate").gate_failed
 synthesize = load_component("synthesize").synthesize
 pretrain = load_component("pretrain").pretrain
 pretrain_trainjob = load_component("pretrain").pretrain_trainjob
+rl = load_component("rl").rl
 evaluate = load_component("evaluate").evaluate
 
 VERSION_ANNOTATION = "moon3.io/pipeline-version"
@@ -92,21 +95,33 @@ def build_pipeline(cfg: Moon3Config, version: str | None = None) -> Any:
             place_training_task(train, pc, gpu=pc.trainer == "accelerate")
             if claim is not None:
                 kubernetes.mount_pvc(train, pvc_name=claim, mount_path=pc.pvc_mount_path)
+            # RL trains in its own pod (one process) whichever trainer pretrained: always on the GPU pool.
+            tuned = rl(
+                params=params, overrides=overrides, dataset=checked.outputs["validated"],
+                pretrained=train.outputs["model"], scratch_dir=pc.pvc_mount_path if claim else "",
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            )  # fmt: skip
+            common(tuned, "rl", pc.cache_train)
+            place_training_task(tuned, pc)
+            if claim is not None:
+                kubernetes.mount_pvc(tuned, pvc_name=claim, mount_path=pc.pvc_mount_path)
             if pc.pvc_name and pc.pvc_create:
-                delete = kubernetes.DeletePVC(pvc_name=claim).after(train)
+                delete = kubernetes.DeletePVC(pvc_name=claim).after(train, tuned)
                 delete.set_display_name("delete-scratch-volume").set_caching_options(False)
             scored = evaluate(
                 params=params, overrides=overrides, dataset=checked.outputs["validated"],
-                model=train.outputs["model"], init_model=train.outputs["init_model"],
+                model=tuned.outputs["model"], init_model=train.outputs["init_model"],
+                pretrained=train.outputs["model"],
             )  # fmt: skip
             common(scored, "evaluate", pc.cache_eval)
-            for task in (train, scored):
+            for task in (train, tuned, scored):
                 if pc.mlflow_tracking_uri:
                     task.set_env_variable("MLFLOW_TRACKING_URI", pc.mlflow_tracking_uri)
         with dsl.Else(name="data-gate-failed"):
             common(gate_failed(summary=checked.outputs["summary"]), "gate-failed", False)
 
-    description = f"moon3 {version}: {{}} -> validate (gate) -> synthesize -> pretrain ({pc.trainer}) -> evaluate"
+    chain = f"validate (gate) -> synthesize -> pretrain ({pc.trainer}) -> rl -> evaluate"
+    description = f"moon3 {version}: {{}} -> {chain}"
     if pc.prepare:
 
         @dsl.pipeline(name=pc.name, description=description.format("prepare"))

@@ -29,7 +29,7 @@ from moon3.pipelines.compile import REPO, compile_pipeline, load_module, pipelin
 from moon3.pipelines.launch import accelerate_command, infra_path, torchrun_command, train_args
 from moon3.pipelines.params import config_from_params, pipeline_params
 from moon3.pipelines.placement import check_trainer, k8s_tolerations
-from moon3.pipelines.steps import pretrain_trainjob_step, read_confusion
+from moon3.pipelines.steps import pretrain_trainjob_step, read_confusion, rl_step
 from moon3.pipelines.trainjob import (
     apply_trainjob,
     build_trainjob,
@@ -88,7 +88,7 @@ def test_every_pipeline_compiles(tmp_path, overrides):
         cfg = load_config(PARAMS, overrides)
         docs = list(yaml.safe_load_all(compile_pipeline(cfg, tmp_path / f"{file.stem}.yaml", file, VERSION).open()))
         executors = set(docs[0]["deploymentSpec"]["executors"])
-        assert {"exec-validate", "exec-evaluate", "exec-gate-failed"} <= executors
+        assert {"exec-validate", "exec-rl", "exec-evaluate", "exec-gate-failed"} <= executors
         assert ("exec-pretrain-trainjob" in executors) == ("pipeline.trainer=trainjob" in overrides)
         assert ("exec-prepare" in executors) != ("pipeline.prepare=false" in overrides)
         assert ("exec-importer" in executors) == ("pipeline.prepare=false" in overrides)
@@ -139,12 +139,60 @@ def test_training_task_carries_node_pool_and_limits(tmp_path):
     assert comps["validate"]["cachingOptions"]["enableCache"] is True
 
 
+def inner_tasks(docs: list[dict]) -> dict:
+    """The tasks inside the data gate's ``passed`` branch (synthesize, training, rl, evaluate, the claim)."""
+    comps = docs[0]["root"]["dag"]["tasks"]
+    gate = docs[0]["components"][comps["condition-branches-1"]["componentRef"]["name"]]["dag"]["tasks"]
+    return docs[0]["components"][gate["condition-2"]["componentRef"]["name"]]["dag"]["tasks"]
+
+
+def producer(task: dict, artifact: str) -> str:
+    return task["inputs"]["artifacts"][artifact]["taskOutputArtifact"]["producerTask"]
+
+
+def test_rl_task_is_placed_like_pretraining_and_feeds_evaluate(tmp_path):
+    """rl: same GPU pool, resources and scratch volume as pretraining; evaluate scores the RL model, with the
+    pretrained one as no_rl and the untrained one as the baseline."""
+    docs = compiled(tmp_path, POOL)
+    (pre_container, pre_platform), (rl_container, rl_platform) = executor(docs, "pretrain"), executor(docs, "rl")
+    assert rl_container["resources"] == pre_container["resources"]
+    assert rl_container["resources"]["accelerator"]["resourceCount"] == "8"
+    for key in ("nodeSelector", "tolerations", "pvcMount", "imagePullPolicy"):
+        assert rl_platform[key] == pre_platform[key], key
+    assert rl_platform["nodeSelector"]["labels"]["pool"] == "a100-pool" and len(rl_platform["tolerations"]) == 2
+    inner = inner_tasks(docs)
+    assert producer(inner["rl"], "pretrained") == "pretrain"
+    assert inner["rl"]["inputs"]["parameters"]["scratch_dir"]["runtimeValue"]["constant"] == "/mnt/moon3"
+    assert not inner["rl"].get("cachingOptions", {}).get("enableCache")  # pipeline.cache_train: false
+    assert {"pretrain", "rl"} <= set(inner["deletepvc"]["dependentTasks"])  # the claim outlives both trainers
+    evaluate = inner["evaluate"]
+    assert producer(evaluate, "model") == "rl"
+    assert (producer(evaluate, "pretrained"), producer(evaluate, "init_model")) == ("pretrain", "pretrain")
+    assert docs[0]["components"]["comp-evaluate"]["inputDefinitions"]["artifacts"]["pretrained"]["isOptional"]
+    assert "-> rl -> evaluate" in docs[0]["pipelineInfo"]["description"]
+    # With a TrainJob the launcher stays off the GPU pool, but rl trains in its own pod: on the pool.
+    (tmp_path / "tj").mkdir()
+    docs = compiled(tmp_path / "tj", [*POOL, "pipeline.trainer=trainjob", "pipeline.pvc_access_mode=ReadWriteMany",
+                                      "pipeline.cache_train=true"])  # fmt: skip
+    launcher_container, launcher_platform = executor(docs, "pretrain-trainjob")
+    assert "accelerator" not in launcher_container.get("resources", {}) and "nodeSelector" not in launcher_platform
+    rl_container, rl_platform = executor(docs, "rl")
+    assert rl_container["resources"] == pre_container["resources"]
+    assert (rl_platform["nodeSelector"], rl_platform["tolerations"]) == (
+        pre_platform["nodeSelector"], pre_platform["tolerations"]
+    )  # fmt: skip
+    inner = inner_tasks(docs)
+    assert inner["rl"]["cachingOptions"]["enableCache"] is True
+    assert producer(inner["rl"], "pretrained") == "pretrain-trainjob" and producer(inner["evaluate"], "model") == "rl"
+    assert producer(inner["evaluate"], "pretrained") == "pretrain-trainjob"
+
+
 def test_version_is_in_the_metadata(tmp_path):
     docs = compiled(tmp_path)
     assert docs[0]["pipelineInfo"]["name"] == "moon3-training"
     assert docs[0]["pipelineInfo"]["description"].startswith(f"moon3 {VERSION}:")
     platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for name in ("exec-prepare", "exec-validate", "exec-pretrain", "exec-evaluate", "exec-gate-failed"):
+    for name in ("exec-prepare", "exec-validate", "exec-pretrain", "exec-rl", "exec-evaluate", "exec-gate-failed"):
         assert platform[name]["podMetadata"]["annotations"]["moon3.io/pipeline-version"] == VERSION
     version = pipeline_version()
     sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
@@ -493,6 +541,38 @@ def test_cli_compile_upload_run(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "train.stepz" in res.output
 
 
+def test_rl_step_resumes_on_the_scratch_volume(tmp_path, monkeypatch, mini_dataset):
+    """The rl step's plumbing around a stand-in for ``train_rl`` (the real one runs in the kfp.local test)."""
+    import moon3.rl.finetune as finetune
+
+    calls = []
+
+    def fake_train_rl(cfg, data_dir, init_dir=None, out_dir=None, report_dir=None, resume=False, progress=True,
+                      max_steps=None):  # fmt: skip
+        calls.append({"cfg": cfg, "data_dir": data_dir, "init_dir": init_dir, "out_dir": Path(out_dir),
+                      "report_dir": Path(report_dir), "resume": resume, "progress": progress})  # fmt: skip
+        (Path(out_dir) / "final").mkdir(parents=True)
+        (Path(out_dir) / "final" / "weights.bin").write_bytes(b"rl")
+        return {"skipped": False, "steps": 4, "reward_last_10pct": 0.75, "init_dir": str(init_dir),
+                "init_training": {"stage": "pretrain", "steps": 6, "traces": True},
+                "timing": {"generation": 0.5}, "history": [{"step": 1, "reward": 0.5}]}  # fmt: skip
+
+    monkeypatch.setattr(finetune, "train_rl", fake_train_rl)
+    monkeypatch.setenv("MOON3_HOME", str(REPO))
+    monkeypatch.chdir(tmp_path)  # not the checkout: the DeepSpeed path must resolve through MOON3_HOME
+    params = json.loads(json.dumps(pipeline_params(load_config(PARAMS))), parse_int=float)
+    scratch, model = tmp_path / "pvc", tmp_path / "model"
+    overrides = ["rl.steps=4", "rl.deepspeed_config=infra/deepspeed/zero2.json"]
+    numbers = rl_step(params, overrides, str(mini_dataset), "/in/pretrained", str(model), str(scratch), "run-7")
+    assert numbers == {"skipped": 0.0, "steps": 4.0, "reward_last_10pct": 0.75, "init_training/steps": 6.0,
+                       "timing/generation": 0.5}  # fmt: skip
+    (call,) = calls
+    assert call["resume"] is True and call["progress"] is False and call["init_dir"] == "/in/pretrained"
+    assert call["out_dir"].parent == call["report_dir"].parent == scratch / "run-7"  # same folder on a retry
+    assert call["cfg"].rl.steps == 4 and call["cfg"].rl.deepspeed_config == str(REPO / "infra/deepspeed/zero2.json")
+    assert (model / "weights.bin").read_bytes() == b"rl"
+
+
 def test_read_confusion(tmp_path):
     assert read_confusion(tmp_path) is None
     level1 = {"labels": ["a", "b"], "confusion": [[3, 1], [0, 4]], "accuracy": 0.875}
@@ -583,6 +663,18 @@ def test_local_run_of_the_whole_training_pipeline(kfp_local):
     assert "<table" in (run / "evaluate" / "report").read_text()
     assert "|" in (run / "evaluate" / "summary").read_text()
     assert not (run / "gate-failed").exists()
+    # pretrain -> rl -> evaluate: trained without traces (model.reasoning: false), so rl copies the model as is;
+    # evaluate scores that copy as the trained model and the pretrained model itself as no_rl.
+    rl_metrics = artifact_metadata(run, "rl", "metrics")
+    assert rl_metrics["skipped"] == 1.0 and rl_metrics["steps"] == 0
+    assert rl_metrics["init_training/steps"] == 6  # the starting model's training record, flattened
+    tuned = run / "rl" / "model"
+    files = sorted(p.relative_to(model) for p in model.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tuned) for p in tuned.rglob("*") if p.is_file())
+    assert all((tuned / f).read_bytes() == (model / f).read_bytes() for f in files)
+    trained = {k.removeprefix("trained/"): v for k, v in metrics.items() if k.startswith("trained/")}
+    no_rl = {k.removeprefix("no_rl/"): v for k, v in metrics.items() if k.startswith("no_rl/")}
+    assert no_rl and no_rl == {k: v for k, v in trained.items() if k in no_rl}  # same weights, same numbers
 
 
 @pytest.mark.slow
@@ -601,4 +693,4 @@ def test_local_run_stops_at_the_gate(kfp_local, mini_dataset, tmp_path):
     assert "validation gate failed" in executor_outputs(run, "validate")["parameterValues"]["summary"]
     quarantined = pd.read_parquet(run / "validate" / "quarantine" / "products.parquet")
     assert len(quarantined) == len(pd.read_parquet(broken / "products.parquet"))
-    assert not (run / "pretrain").exists() and not (run / "evaluate").exists()
+    assert not (run / "pretrain").exists() and not (run / "rl").exists() and not (run / "evaluate").exists()

@@ -1,4 +1,4 @@
-"""KFP component ``evaluate``: MBE3.0-style tasks for the trained and the untrained model, with the report."""
+"""KFP component ``evaluate``: MBE3.0-style tasks for the trained model, its untrained start and its pre-RL self."""
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Markdown, Metrics, Model, Output
@@ -18,26 +18,29 @@ def evaluate(
     report: Output[HTML],
     summary: Output[Markdown],
     details: Output[Artifact],
+    pretrained: Input[Model] = None,
 ):
-    """Evaluate ``model`` against its untrained starting point on the eval split of ``dataset``.
+    """Evaluate ``model`` against its untrained starting point (and its pre-RL self) on the eval split of ``dataset``.
 
     Args:
         params: stage sections of ``params.yaml`` (the pipeline's ``params``).
         overrides: ``section.key=value`` strings applied on top.
         dataset: the validated dataset.
-        model: the trained embedder.
+        model: the trained embedder (the RL model, or its pretrained copy when RL was skipped).
         init_model: the untrained embedder (baseline).
         metrics: every metric as ``variant/kind/task/metric``.
         confusion: level-1 category confusion matrix of the trained model (zero-shot classification).
         report: the HTML report with tables and plots (KFP UI visualization).
         summary: the same as Markdown.
         details: ``metrics.json``, ``results.json``, plots and their data.
+        pretrained: optional, the pretrained model before RL: evaluated as the ``no_rl`` ablation.
     """
     import shutil
 
     from moon3.pipelines.steps import evaluate_step
 
-    out = evaluate_step(params, overrides, dataset.path, model.path, init_model.path, details.path)
+    pretrained_dir = pretrained.path if pretrained is not None else ""
+    out = evaluate_step(params, overrides, dataset.path, model.path, init_model.path, details.path, pretrained_dir)
     for name, value in out["metrics"].items():
         metrics.log_metric(name, value)
     if out["confusion"] is not None:

@@ -51,7 +51,16 @@ def processor_class(model_type: str) -> type:
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):  # noqa: N807
         base.__init__(self, image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
 
-    return type(f"Moon3{base.__name__}", (base,), {"__init__": __init__})
+    def __call__(self, images=None, text=None, **kwargs):  # noqa: N807
+        # A batch that mixes items with and without an image (TRL passes one list per prompt, None for none):
+        # the images in prompt order, as the <|image_pad|> placeholders in `text` consume them.
+        if isinstance(images, list | tuple) and any(i is None or isinstance(i, list | tuple) for i in images):
+            flat = [img for entry in images if entry is not None for img in (entry if isinstance(entry, list | tuple)
+                                                                             else [entry])]  # fmt: skip
+            images = flat or None
+        return base.__call__(self, images=images, text=text, **kwargs)
+
+    return type(f"Moon3{base.__name__}", (base,), {"__init__": __init__, "__call__": __call__})
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE):

@@ -168,6 +168,43 @@ def pretrain_step(
     return {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def rl_step(
+    params: dict,
+    overrides: list,
+    dataset_dir: str,
+    init_model_dir: str,
+    model_out: str,
+    scratch_dir: str = "",
+    run_id: str = "",
+) -> dict[str, float]:
+    """GRPO fine-tuning (stage B) of the pretrained model ``init_model_dir``; the RL model goes to ``model_out``.
+
+    Single process only, in this process: multi-GPU RL (``accelerate launch`` over ``moon3 train rl``) is a later
+    issue. Checkpoints stay on ``scratch_dir`` (a PVC) under this run's folder, so a retried pod resumes from the
+    latest complete one. A starting model trained without traces (or ``rl.enabled: false``) is copied unchanged
+    and the metrics say ``skipped``.
+
+    Returns:
+        The summary as flat numbers (``init_training/...``, ``timing/...``; no per-step history), with
+        ``skipped`` as 1.0 or 0.0.
+    """
+    from moon3.pipelines.launch import infra_path
+    from moon3.rl.finetune import train_rl
+
+    cfg = config_from_params(params, overrides)
+    if cfg.rl.deepspeed_config:  # relative to the checkout or $MOON3_HOME, never to the pod's working folder
+        cfg.rl.deepspeed_config = str(infra_path(cfg.rl.deepspeed_config))
+    work = work_folder(scratch_dir, run_id)
+    out, reports = work / "rl", work / "rl-reports"
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlruns.db'}")
+    summary = train_rl(cfg, dataset_dir, init_dir=init_model_dir, out_dir=out, report_dir=reports, resume=True,
+                       progress=False)  # fmt: skip
+    _copy_model(out / "final", model_out)
+    numbers = flat_numbers({k: v for k, v in summary.items() if k != "history"})
+    numbers["skipped"] = float(bool(summary.get("skipped")))  # a boolean, which flat_numbers leaves out
+    return numbers
+
+
 def pretrain_trainjob_step(
     params: dict,
     overrides: list,
@@ -244,12 +281,19 @@ def read_confusion(out_dir: str | Path, variant: str = "trained") -> tuple[list[
 
 
 def evaluate_step(
-    params: dict, overrides: list, data_dir: str, model_dir: str, baseline_dir: str, out_dir: str
+    params: dict,
+    overrides: list,
+    data_dir: str,
+    model_dir: str,
+    baseline_dir: str,
+    out_dir: str,
+    pretrained_dir: str = "",
 ) -> dict:
     """Evaluate the trained model and its untrained baseline on the eval split of ``data_dir``.
 
     Runs the evaluation stage as the CLI does (``eval.model_dir`` / ``eval.baseline_dir`` pointed at the model
-    artifacts; ablation folders that are not in this pod are listed as not evaluated).
+    artifacts; ablation folders that are not in this pod are listed as not evaluated). ``pretrained_dir`` (the
+    pretrained model before RL, when ``model_dir`` is the RL model) becomes ``eval.ablation_dirs.no_rl``.
 
     Returns:
         ``metrics`` (flat ``variant/kind/task/metric`` numbers), ``confusion`` (labels, matrix of the trained
@@ -259,6 +303,8 @@ def evaluate_step(
 
     cfg = config_from_params(params, overrides)
     cfg.eval.model_dir, cfg.eval.baseline_dir, cfg.eval.out_dir = model_dir, baseline_dir, out_dir
+    if pretrained_dir:
+        cfg.eval.ablation_dirs = {**cfg.eval.ablation_dirs, "no_rl": pretrained_dir}
     run_evaluation(cfg, data_dir, out_dir, progress=False)
     out = Path(out_dir)
     return {
