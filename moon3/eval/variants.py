@@ -18,6 +18,7 @@ from typing import Any
 from moon3.data.io import is_gcs, read_bytes
 from moon3.eval.config import METRICS_KEYS, REFERENCE_NAMES, EvalConfig
 from moon3.model.contract import CONTRACT_FILE, EmbeddingContract, load_contract, reasoning_label
+from moon3.model.embedder import BACKBONE_DIR, HEADS_FILE
 
 EXAMPLE_TRACES = 3  # decoded traces shown per reasoning-on variant
 # The built-in comparison rows beside ``trained``; any other model variant is an ablation.
@@ -157,8 +158,21 @@ def collect_variants(cfg: EvalConfig) -> tuple[dict[str, ModelEmbedFn], dict[str
     for name, path in cfg.ablation_dirs.items():
         if name in reserved:
             raise ValueError(f"eval.ablation_dirs: {name!r} clashes with a built-in variant name")
-        if _saved(path):
-            variants[name] = ModelEmbedFn(path, batch_size=cfg.batch_size)
-        else:
+        if not _saved(path):
             missing[name] = f"no saved model at {path!r}"
+        elif _same_weights(path, cfg.model_dir):
+            # E.g. no_rl when the rl stage was skipped and copied the pretrained model: the delta is 0 by
+            # construction, so the report says why instead of spending an evaluation on it.
+            stage = (read_contract(cfg.model_dir)[1].get("training") or {}).get("stage", "?")
+            missing[name] = f"same weights as the trained model (its training stage: {stage}); delta 0 by construction"
+        else:
+            variants[name] = ModelEmbedFn(path, batch_size=cfg.batch_size)
     return variants, missing
+
+
+def _same_weights(a: str, b: str) -> bool:
+    """Two local model folders with byte-identical heads and backbone weights (gs:// folders: never assumed)."""
+    if is_gcs(a) or is_gcs(b):
+        return False
+    files = [HEADS_FILE, f"{BACKBONE_DIR}/model.safetensors"]
+    return all((Path(a) / f).exists() and (Path(a) / f).read_bytes() == (Path(b) / f).read_bytes() for f in files)
