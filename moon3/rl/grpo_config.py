@@ -23,7 +23,7 @@ class RLConfig:
     )
     out_dir: str = field(default="models/rl", metadata={"help": "checkpoints/ and final/."})
     report_dir: str = field(default="reports/rl", metadata={"help": "rl_metrics.json and dvclive plots."})
-    steps: int = field(default=60, metadata={"help": "Optimizer steps (one generation batch each)."})
+    steps: int = field(default=200, metadata={"help": "Optimizer steps (one generation batch each)."})
     queries_per_step: int = field(
         default=8, metadata={"help": "Distinct training queries per step and process, num_generations traces each."}
     )
@@ -52,8 +52,7 @@ class RLConfig:
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of the whole backbone."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    save_every: int = field(default=20, metadata={"help": "Checkpoint every N steps (resume with --resume)."})
-    log_every: int = field(default=5, metadata={"help": "Log rewards, KL, trace length and closure every N steps."})
+    save_every: int = field(default=50, metadata={"help": "Checkpoint every N steps (resume with --resume)."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampler, the trace sampling and the updates."})
     torch_threads: int = field(default=0, metadata={"help": "CPU threads (0 = all cores)."})
     deepspeed_config: str = field(
