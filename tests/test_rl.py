@@ -134,7 +134,7 @@ def test_rl_run_logs_rewards_saves_checkpoints_and_an_honest_model(reference_run
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     for h in history:
         for key in ("rewards_r_rank_mean", "rewards_r_format_mean", "rewards_r_len_mean", "kl", "infonce",
-                    "completions_mean_length", "completions_clipped_ratio"):  # fmt: skip
+                    "completions_mean_length", "completions_clipped_ratio", "closure_rate"):  # fmt: skip
             assert key in h, key
         assert 0.0 <= h["rewards_r_rank_mean"] <= 1.0
     # The reference carries the starting FIRE: at step 1 the policy is the reference, so the KL is 0 exactly.

@@ -276,7 +276,7 @@ def _summary(history, trainer, steps, elapsed, start_record, init) -> dict[str, 
         "reward_last_10pct": _window_mean(rewards, False),
     }
     for key in ("rewards_r_rank_mean", "rewards_r_format_mean", "rewards_r_len_mean", "kl", "infonce",
-                "completions_mean_length", "completions_clipped_ratio"):  # fmt: skip
+                "completions_mean_length", "completions_clipped_ratio", "closure_rate"):  # fmt: skip
         values = [h[key] for h in rows if key in h]
         if values:
             out[f"{key}_first_10pct"] = _window_mean(values, True)

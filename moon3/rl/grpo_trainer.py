@@ -297,7 +297,11 @@ class Moon3GRPOTrainer(GRPOTrainer):
 
     def r_len(self, prompts, completions, completion_ids, **_: Any) -> list[float]:
         """1 inside the contract's trace budget, falling linearly to 0 at twice it."""
-        return length_reward(completion_ids, self.end_id, self.embedder.contract.max_trace_tokens)
+        budget = self.embedder.contract.max_trace_tokens
+        # Closure as the evaluation counts it: closed by the model within the budget (logged as closure_rate).
+        closed = [bool(c) and int(c[-1]) == self.end_id and len(c) - 1 <= budget for c in completion_ids]
+        self._metrics["train" if self.model.training else "eval"]["closure_rate"].append(sum(closed) / len(closed))
+        return length_reward(completion_ids, self.end_id, budget)
 
     # --- loss ------------------------------------------------------------------------------------------------
 
