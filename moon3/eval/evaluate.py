@@ -183,7 +183,7 @@ def run_evaluation(
     Returns:
         :func:`evaluate`'s result, plus ``mlflow_run_id`` when ``eval.mlflow_experiment`` is set.
     """
-    variants, missing = collect_variants(cfg.eval)
+    variants, missing = collect_variants(cfg.eval, cfg.model.trust_remote_code)
     data_dir = data_dir or cfg.validation.out_dir
     result = evaluate(
         cfg.eval,

@@ -68,10 +68,12 @@ class ModelEmbedFn:
         path: saved model folder or ``gs://`` prefix.
         reasoning: force reasoning on/off; ``None`` follows the model's contract.
         batch_size: items per forward.
+        trust_remote_code: the user's own ``model.trust_remote_code`` (a saved folder never grants it).
     """
 
-    def __init__(self, path: str, reasoning: bool | None = None, batch_size: int = 32):
+    def __init__(self, path: str, reasoning: bool | None = None, batch_size: int = 32, trust_remote_code: bool = False):
         self.path = path
+        self.trust_remote_code = trust_remote_code
         self.reasoning = reasoning
         self.batch_size = batch_size
         self._model: Any = None
@@ -81,7 +83,7 @@ class ModelEmbedFn:
         if self._model is None:
             from moon3.model.embedder import Moon3Embedder, TraceStats
 
-            self._model = Moon3Embedder.from_pretrained(self.path)
+            self._model = Moon3Embedder.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
             self._stats = self._stats or TraceStats()
         return self._model
 
@@ -131,8 +133,11 @@ def other_mode_variant(contract: EmbeddingContract) -> tuple[str, bool]:
     return ("reasoning_on" if contract.trained_with_traces else "reasoning_on_forced"), True
 
 
-def collect_variants(cfg: EvalConfig) -> tuple[dict[str, ModelEmbedFn], dict[str, str]]:
-    """The model variants whose folders exist, and why each other one is left out.
+def collect_variants(
+    cfg: EvalConfig, trust_remote_code: bool = False
+) -> tuple[dict[str, ModelEmbedFn], dict[str, str]]:
+    """The model variants whose folders exist, and why each other one is left out (``trust_remote_code``: the
+    user's own ``model.trust_remote_code``, passed to every model load).
 
     Returns:
         ``(variants, missing)``: name -> embedder in table order; name -> reason for the ones not evaluated.
@@ -145,15 +150,19 @@ def collect_variants(cfg: EvalConfig) -> tuple[dict[str, ModelEmbedFn], dict[str
         raise FileNotFoundError(
             f"eval.model_dir={cfg.model_dir!r}: no saved model ({CONTRACT_FILE} missing); run training first"
         )
-    variants = {"trained": ModelEmbedFn(cfg.model_dir, batch_size=cfg.batch_size)}
+    variants = {"trained": ModelEmbedFn(cfg.model_dir, batch_size=cfg.batch_size, trust_remote_code=trust_remote_code)}
     missing: dict[str, str] = {}
     if cfg.baseline_dir and _saved(cfg.baseline_dir):
-        variants["untrained"] = ModelEmbedFn(cfg.baseline_dir, batch_size=cfg.batch_size)
+        variants["untrained"] = ModelEmbedFn(
+            cfg.baseline_dir, batch_size=cfg.batch_size, trust_remote_code=trust_remote_code
+        )
     else:
         missing["untrained"] = f"no saved model at eval.baseline_dir={cfg.baseline_dir!r}"
     if cfg.other_reasoning_mode:
         name, reasoning = other_mode_variant(read_contract(cfg.model_dir)[0])
-        variants[name] = ModelEmbedFn(cfg.model_dir, reasoning=reasoning, batch_size=cfg.batch_size)
+        variants[name] = ModelEmbedFn(
+            cfg.model_dir, reasoning=reasoning, batch_size=cfg.batch_size, trust_remote_code=trust_remote_code
+        )
     reserved = {"trained", *BASELINES, *REFERENCE_NAMES, *METRICS_KEYS}
     for name, path in cfg.ablation_dirs.items():
         if name in reserved:
@@ -166,7 +175,7 @@ def collect_variants(cfg: EvalConfig) -> tuple[dict[str, ModelEmbedFn], dict[str
             stage = (read_contract(cfg.model_dir)[1].get("training") or {}).get("stage", "?")
             missing[name] = f"same weights as the trained model (its training stage: {stage}); delta 0 by construction"
         else:
-            variants[name] = ModelEmbedFn(path, batch_size=cfg.batch_size)
+            variants[name] = ModelEmbedFn(path, batch_size=cfg.batch_size, trust_remote_code=trust_remote_code)
     return variants, missing
 
 

@@ -16,6 +16,7 @@ Saved folder layout (self-contained)::
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -99,6 +100,47 @@ class TraceStats:
             "mean_trace_tokens": self.tokens / self.n,
             "ms_per_trace": 1000 * self.seconds / self.n,
         }
+
+
+def safetensors_error() -> type[Exception]:
+    """The exception safetensors raises on a corrupt or truncated file."""
+    from safetensors import SafetensorError
+
+    return SafetensorError
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _model_config(path: Path, payload: dict[str, Any]) -> ModelConfig:
+    """The saved ``model`` section, type-checked like ``params.yaml`` (a wrong type is an error, not a surprise)."""
+    from moon3.config import ConfigError, _build
+
+    try:
+        return _build(ModelConfig, payload.get("model"), "model")
+    except ConfigError as err:
+        raise ContractError(f"{path / C.CONTRACT_FILE}: bad 'model' section ({err})") from None
+
+
+def _asks_for_remote_code(path: Path, cfg: ModelConfig) -> str:
+    """Why a saved folder would run its own Python ('' if it would not)."""
+    reasons = []
+    if cfg.trust_remote_code:
+        reasons.append(f"trust_remote_code in {C.CONTRACT_FILE}")
+    config_file = path / BACKBONE_DIR / "config.json"
+    try:
+        backbone_config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ContractError(f"{config_file}: not a readable backbone config ({_one_line(err)})") from None
+    if not isinstance(backbone_config, dict):
+        raise ContractError(f"{config_file}: not a backbone config (expected a JSON object)")
+    if backbone_config.get("auto_map"):
+        reasons.append(f"auto_map in {BACKBONE_DIR}/config.json")
+    if any(path.joinpath(BACKBONE_DIR).glob("*.py")):
+        reasons.append(f"Python files in {BACKBONE_DIR}/")
+    return ", ".join(reasons)
 
 
 class Moon3Embedder(nn.Module):
@@ -189,29 +231,41 @@ class Moon3Embedder(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, expected: EmbeddingContract | None = None, trust_remote_code: bool | None = None
+        cls, path: str | Path, expected: EmbeddingContract | None = None, trust_remote_code: bool = False
     ) -> Moon3Embedder:
         """Load a folder written by :meth:`save_pretrained` (local or ``gs://``).
 
         Args:
             path: the folder or ``gs://`` prefix.
             expected: a contract the caller requires (e.g. serving's); any difference is an error.
-            trust_remote_code: overrides the saved config's value.
+            trust_remote_code: the user's own explicit choice (``model.trust_remote_code`` in their params, or a
+                CLI flag). A saved folder never grants it: one that asks for its own code to run
+                (``trust_remote_code`` in ``moon3_config.json`` or an ``auto_map`` in ``backbone/config.json``)
+                is refused unless the caller allows it.
 
         Raises:
-            ContractError: the saved contract does not match this code or ``expected``, or the heads do not
-                fit the model the contract describes.
+            ContractError: the saved contract does not match this code or ``expected``; the folder asks to run
+                its own code without the caller's consent; a file is missing, truncated or not what it should
+                be (config, heads); the heads do not fit the model the contract describes.
         """
         path = fetch_dir(path)
         contract, payload = C.load_contract(path, expected)
+        cfg = _model_config(path, payload)
+        asks = _asks_for_remote_code(path, cfg)
+        if asks and not trust_remote_code:
+            raise ContractError(
+                f"{path}: the folder asks to run its own code ({asks}); refused. Load it only if you trust its "
+                "source, with your own model.trust_remote_code=true"
+            )
         try:
-            cfg = ModelConfig(**payload["model"])
-        except (KeyError, TypeError) as err:
-            raise ContractError(f"{path / C.CONTRACT_FILE}: bad 'model' section ({err})") from None
-        trust = cfg.trust_remote_code if trust_remote_code is None else trust_remote_code
-        backbone, processor = load_backbone(path / BACKBONE_DIR, trust_remote_code=trust)
+            backbone, processor = load_backbone(path / BACKBONE_DIR, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, KeyError, safetensors_error()) as err:
+            raise ContractError(f"{path / BACKBONE_DIR}: not a loadable backbone folder ({_one_line(err)})") from None
         model = cls(backbone, processor, cfg, contract)
-        heads = load_file(path / HEADS_FILE)
+        try:
+            heads = load_file(path / HEADS_FILE)
+        except (OSError, safetensors_error()) as err:
+            raise ContractError(f"{path / HEADS_FILE}: not a readable safetensors file ({_one_line(err)})") from None
         try:
             missing, unexpected = model.load_state_dict(heads, strict=False)
         except RuntimeError as err:

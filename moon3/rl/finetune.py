@@ -115,7 +115,7 @@ def train_rl(
     out, reports = Path(out_dir or rc.out_dir), Path(report_dir or rc.report_dir)
     out.mkdir(parents=True, exist_ok=True)
     reports.mkdir(parents=True, exist_ok=True)
-    embedder = Moon3Embedder.from_pretrained(init)
+    embedder = Moon3Embedder.from_pretrained(init, trust_remote_code=cfg.model.trust_remote_code)
     start_record = json.loads((init / "moon3_config.json").read_text()).get("training", {})
     if not rc.enabled or not embedder.contract.trained_with_traces:
         why = "rl.enabled is false" if not rc.enabled else "the starting model was never trained to write traces"

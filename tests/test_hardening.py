@@ -1,0 +1,86 @@
+"""Hostile inputs (issue 14): model folders that ask to run their own code, corrupt model files, bad config."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moon3.config import load_config
+from moon3.model.contract import ContractError
+from moon3.model.embedder import BACKBONE_DIR, HEADS_FILE, Moon3Embedder
+from moon3.model.items import catalog_texts
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def saved_model(mini_dataset, tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = Moon3Embedder.from_config(load_config(None).model, catalog_texts(mini_dataset))
+    return model.save_pretrained(tmp_path_factory.mktemp("hardening") / "model")
+
+
+def _copy(saved_model: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(saved_model, tmp_path / "copy"))
+
+
+def _edit_json(path: Path, edit) -> None:
+    payload = json.loads(path.read_text())
+    edit(payload)
+    path.write_text(json.dumps(payload))
+
+
+def test_folder_asking_for_its_own_code_is_refused_and_its_code_never_runs(saved_model, mini_dataset, tmp_path):
+    folder = _copy(saved_model, tmp_path)
+    marker = tmp_path / "pwned"
+    # A folder that would run Python on load: trust_remote_code in its contract file, an auto_map to its own module.
+    (folder / BACKBONE_DIR / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    _edit_json(folder / "moon3_config.json", lambda p: p["model"].update(trust_remote_code=True))
+    _edit_json(folder / BACKBONE_DIR / "config.json", lambda p: p.update(auto_map={"AutoConfig": "evil.EvilConfig"}))
+    with pytest.raises(ContractError, match="asks to run its own code .*trust_remote_code.*auto_map.*refused"):
+        Moon3Embedder.from_pretrained(folder)
+    assert not marker.exists()
+    # The CLI too: one readable line, non-zero exit, nothing executed.
+    result = subprocess.run([str(BIN / "moon3"), "embed", str(mini_dataset / "queries.parquet"), "--out",
+                             str(tmp_path / "e.npy"), "--model", str(folder), "--params", str(REPO / "params.yaml")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "refused" in " ".join(result.stderr.split())
+    assert not marker.exists()
+
+
+def test_trust_from_the_file_alone_is_refused_even_without_auto_map(saved_model, tmp_path):
+    folder = _copy(saved_model, tmp_path)
+    _edit_json(folder / "moon3_config.json", lambda p: p["model"].update(trust_remote_code=True))
+    with pytest.raises(ContractError, match="trust_remote_code in moon3_config.json"):
+        Moon3Embedder.from_pretrained(folder)
+    # The user's own explicit choice loads it (the folder carries no code, so nothing runs).
+    Moon3Embedder.from_pretrained(folder, trust_remote_code=True)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / HEADS_FILE).write_bytes((f / HEADS_FILE).read_bytes()[:100]), "not a readable safetensors"),
+        (lambda f: (f / HEADS_FILE).write_bytes(b"\x80\x04K\x01."), "not a readable safetensors"),  # a pickle
+        (lambda f: (f / BACKBONE_DIR / "config.json").write_text('{"model_type": "qwen2'), "not a readable backbone"),
+        (lambda f: (f / "moon3_config.json").write_text('{"contract": '), "not a moon3 contract file"),
+        (lambda f: _edit_json(f / "moon3_config.json", lambda p: p["model"].update(embed_dim="8")), "model.embed_dim"),
+        (lambda f: (f / BACKBONE_DIR / "model.safetensors").write_bytes(b"\0" * 64), "not a loadable backbone"),
+    ],
+    ids=["truncated-heads", "pickle-as-heads", "truncated-backbone-config", "truncated-contract", "wrong-type",
+         "corrupt-backbone-weights"],  # fmt: skip
+)
+def test_corrupt_model_files_give_one_clear_error(saved_model, tmp_path, damage, message):
+    folder = _copy(saved_model, tmp_path)
+    damage(folder)
+    with pytest.raises(ContractError, match=message) as info:
+        Moon3Embedder.from_pretrained(folder)
+    assert "\n" not in str(info.value)
