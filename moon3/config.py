@@ -11,6 +11,7 @@ Overrides use dotted keys, e.g. ``train.lr=3e-4`` or ``model.fusion=false``; val
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,6 +119,58 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a bug in a config class, not in the YAML
 
 
+# Numeric ranges. Every int/float key must be finite and >= 0 unless listed here: (low, high, low_open) with
+# None for no bound; low_open = the low bound itself is not allowed (a learning rate of 0 trains nothing).
+_POSITIVE_INT = (1, None, False)
+_POSITIVE = (0.0, None, True)
+_FRACTION = (0.0, 1.0, False)
+RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    **dict.fromkeys(
+        ["data.n_products", "data.n_queries", "data.scale", "data.image_size", "model.embed_dim",
+         "model.max_trace_tokens", "model.fusion_heads", "model.fire_every", "model.image_size", "train.steps",
+         "train.batch_size", "train.grad_accum", "train.save_every", "train.log_every", "eval.batch_size",
+         "eval.search_batch", "eval.embed_chunk", "synthesis.hf_batch_size", "synthesis.max_tokens",
+         "synthesis.concurrency", "rl.steps", "rl.queries_per_step", "rl.lora_r", "rl.lora_alpha", "rl.save_every",
+         "pipeline.num_processes", "pipeline.num_nodes", "pipeline.trainjob_timeout_s",
+         "validation.max_category_depth", "validation.image_workers", "eval.ks", "eval.curve_ks"],
+        _POSITIVE_INT,
+    ),  # fmt: skip
+    **dict.fromkeys(
+        ["train.lr", "train.lr_heads", "train.lr_temperature", "synthesis.timeout_s", "rl.temperature", "rl.lr",
+         "rl.lr_heads", "rl.infonce_temperature", "validation.max_price"],
+        _POSITIVE,
+    ),  # fmt: skip
+    **dict.fromkeys(
+        ["data.category_queries", "train.trace_dropout", "synthesis.min_grounded_score",
+         "validation.max_reject_fraction"],
+        _FRACTION,
+    ),  # fmt: skip
+    "data.eval_fraction": (0.0, 1.0, True),
+    "train.temperature_init": (0.01, 1.0, False),  # the clamp of the learnable temperature
+    "rl.num_generations": (2, None, False),  # group-normalised advantages need two samples per query
+    "rl.epsilon": (0.0, 1.0, True),
+    "model.fire_vision_layer": (None, None, False),  # negative counts from the last vision block
+}
+
+
+def _check_range(value: Any, key: str) -> None:
+    """Raise naming ``key`` for a NaN/infinite number or one outside its range (:data:`RANGES`, default >= 0);
+    each number of a list is checked against the list's range."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_range(item, key) if key in RANGES else _check_range(item, f"{key}[{i}]")
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    low, high, low_open = RANGES.get(key, (0, None, False))
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ConfigError(f"{key}: expected {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(f"{key}: expected <= {high}, got {value!r}")
+
+
 def _build(cls: type, values: Any, prefix: str) -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
     where = prefix or "params"
@@ -133,7 +186,9 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         raise ConfigError(f"unknown key '{name}' (known keys in {where}: {', '.join(sorted(known))})")
     kwargs = {}
     for key, value in values.items():
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+        dotted = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _coerce(value, hints[key], dotted)
+        _check_range(kwargs[key], dotted)
     return cls(**kwargs)
 
 
@@ -159,25 +214,43 @@ def apply_overrides(values: dict[str, Any], overrides: list[str] | None) -> dict
 
 
 def load_config(path: str | Path | None = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Moon3Config:
-    """Load ``params.yaml`` (missing file: built-in defaults), apply overrides, and type-check everything.
+    """Load ``params.yaml``, apply overrides, and type-check everything (types and ranges).
 
     Args:
-        path: YAML file with one section per stage; ``None`` uses only the built-in defaults.
+        path: YAML file with one section per stage (it must exist); ``None`` uses only the built-in defaults.
         overrides: ``section.key=value`` strings applied after the file.
 
     Raises:
-        ConfigError: for an unknown key or a value of the wrong type; the message names the key.
+        ConfigError: a missing or unreadable file, invalid YAML (file and line named), an unknown key, a value
+            of the wrong type or out of range; the message names the key.
     """
     values: dict[str, Any] = {}
-    if path is not None and Path(path).exists():
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        values = loaded
+    if path is not None:
+        values = _read_params(Path(path))
     try:
         return config_from_dict(apply_overrides(values, overrides))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path else str(err)) from None
+
+
+def _read_params(path: Path) -> dict[str, Any]:
+    """The YAML mapping in ``path``; every problem is one ConfigError naming the file (and line)."""
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file (pass --params with an existing params.yaml)")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file (pass --params with a params.yaml)")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML ({problem})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return loaded
 
 
 def help_table(cls: type = Moon3Config, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moon3.config import load_config
+from moon3.config import ConfigError, load_config
 from moon3.model.contract import ContractError
 from moon3.model.embedder import BACKBONE_DIR, HEADS_FILE, Moon3Embedder
 from moon3.model.items import catalog_texts
@@ -84,3 +84,60 @@ def test_corrupt_model_files_give_one_clear_error(saved_model, tmp_path, damage,
     with pytest.raises(ContractError, match=message) as info:
         Moon3Embedder.from_pretrained(folder)
     assert "\n" not in str(info.value)
+
+
+# --- configuration -----------------------------------------------------------------------------------------------
+
+BAD_SETS = {
+    "train.lr=nan": "train.lr",
+    "train.lr=0": "train.lr",
+    "train.steps=-5": "train.steps",
+    "train.batch_size=0": "train.batch_size",
+    "model.embed_dim=0": "model.embed_dim",
+    "validation.max_reject_fraction=nan": "validation.max_reject_fraction",
+    "validation.max_reject_fraction=1.5": "validation.max_reject_fraction",
+    "data.eval_fraction=0": "data.eval_fraction",
+    "train.trace_dropout=2": "train.trace_dropout",
+    "rl.num_generations=1": "rl.num_generations",
+    "eval.ks=[0, 5]": "eval.ks",
+    "train.steps=ten": "train.steps",
+    "model.fusion=maybe": "model.fusion",
+    "train.nope=1": "train.nope",
+    "train.lr=inf": "train.lr",
+}
+
+
+@pytest.mark.parametrize("override", list(BAD_SETS))
+def test_bad_set_values_exit_with_a_message_naming_the_key(override):
+    result = subprocess.run([str(BIN / "moon3"), "config", "show", "--params", str(REPO / "params.yaml"),
+                             "--set", override], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2, result.stdout[-500:]
+    assert BAD_SETS[override] in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("train:\n  lr: [1, 2\n", r"line \d+, column \d+: invalid YAML"),
+        ("train: !!python/object/apply:os.system ['echo pwned']\n", "invalid YAML"),
+        ("- a\n- b\n", "expected a mapping of sections"),
+        (b"\xff\xfe bad bytes", "not UTF-8 text"),
+    ],
+    ids=["syntax-error", "python-tag", "not-a-mapping", "not-utf8"],
+)
+def test_broken_params_files_give_one_line_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_or_folder_params_is_an_error_not_the_defaults(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not a file"):
+        load_config(tmp_path)
+    result = subprocess.run([str(BIN / "moon3"), "config", "show", "--params", str(tmp_path / "nope.yaml")],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and "no such file" in result.stderr and "Traceback" not in result.stderr

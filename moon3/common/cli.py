@@ -25,7 +25,7 @@ def config_or_exit(params: Path, overrides: list[str] | None) -> Moon3Config:
     try:
         return load_config(params, overrides)
     except ConfigError as err:
-        console.print(f"[red]config error:[/red] {err}")
+        console.print(f"[red]config error:[/red] {err}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
 
 
