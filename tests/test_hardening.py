@@ -141,3 +141,29 @@ def test_missing_or_folder_params_is_an_error_not_the_defaults(tmp_path):
     result = subprocess.run([str(BIN / "moon3"), "config", "show", "--params", str(tmp_path / "nope.yaml")],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 2 and "no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- secrets -----------------------------------------------------------------------------------------------------
+
+
+def test_credentials_in_uris_are_redacted_in_mlflow_params_and_the_compiled_pipeline(tmp_path, monkeypatch):
+    from moon3.common.redact import redact_text
+    from moon3.pipelines.compile import compile_pipeline
+    from moon3.train.tracking import Tracker
+
+    secret_uri = "https://alice:s3cr3t@mlflow.example.com/api?token=abc123"
+    assert "s3cr3t" not in redact_text(f"tracking at {secret_uri} failed") and "abc123" not in redact_text(secret_uri)
+    assert redact_text("gs://bucket/data/prepared") == "gs://bucket/data/prepared"
+    cfg = load_config(REPO / "params.yaml", [f"pipeline.mlflow_tracking_uri={secret_uri}",
+                                             f"synthesis.openai_base_url={secret_uri}"])  # fmt: skip
+    compiled = compile_pipeline(cfg, tmp_path / "p.yaml", version="0+test").read_text()
+    assert "s3cr3t" not in compiled and "abc123" not in compiled and "mlflow.example.com" in compiled
+    # MLflow params of a training run: the flattened config, redacted.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns.db")
+    tracker = Tracker(True, "redaction", "run", tmp_path / "live", cfg.to_dict())
+    tracker.close()
+    import mlflow
+
+    run = mlflow.get_run(tracker.run_id)
+    values = " ".join(run.data.params.values())
+    assert "s3cr3t" not in values and "abc123" not in values and "<redacted>@mlflow.example.com" in values

@@ -48,13 +48,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from moon3.common.redact import redact_url
 from moon3.common.retry import backoff_delay, retry_after_s
 from moon3.data import io as dio
 from moon3.data.importers.common import find_inputs
@@ -227,18 +228,6 @@ def is_remote(value: Any) -> bool:
 def url_key(url: str) -> str:
     """SHA-256 (hex) of the URL: the manifest key and the image file's stem."""
     return hashlib.sha256(url.strip().encode()).hexdigest()
-
-
-def redact_url(url: str) -> str:
-    """The URL without user info, query string and fragment (which may carry credentials or signatures)."""
-    try:
-        parts = urlsplit(url.strip())
-        host = parts.netloc.rpartition("@")[2]
-        netloc = f"<redacted>@{host}" if "@" in parts.netloc else host
-        tail = "?<redacted>" if parts.query or parts.fragment else ""
-        return urlunsplit((parts.scheme, netloc, parts.path, "", "")) + tail
-    except ValueError:
-        return "<unparsable URL>"
 
 
 def _valid_url(url: str) -> bool:

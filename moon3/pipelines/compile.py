@@ -12,6 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from moon3.common.provenance import git_sha
 from moon3.config import Moon3Config
@@ -79,9 +80,32 @@ def compile_pipeline(
     """
     from kfp import compiler
 
+    cfg = _without_credentials(cfg)
     module = load_module(pipeline_file)
     func = module.build_pipeline(cfg, version or pipeline_version())
     out = Path(out_path) if out_path else COMPILED_DIR / f"{cfg.pipeline.name}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(func, str(out))
     return out
+
+
+def _without_credentials(cfg: Moon3Config) -> Moon3Config:
+    """``cfg`` with every URI's user info and query string redacted: a compiled pipeline is shared and stored, so
+    credentials must come from the cluster (a Kubernetes secret, workload identity), never from its YAML."""
+    from moon3.common.redact import redact_values
+    from moon3.config import config_from_dict
+
+    values = cfg.to_dict()
+    clean = redact_values(values)
+    if clean != values:
+        changed = sorted(_changed_keys(values, clean))
+        print(f"compile: credentials removed from {', '.join(changed)}; give them to the pods as a secret "
+              "(e.g. MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)", file=sys.stderr)  # fmt: skip
+    return config_from_dict(clean)
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict):
+        return [k for key in a for k in _changed_keys(a[key], b[key], f"{prefix}.{key}" if prefix else key)]
+    return [prefix] if a != b else []
+
