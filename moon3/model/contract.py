@@ -92,6 +92,9 @@ class EmbeddingContract:
     think_end: str = THINK_END
     emb_token: str = EMB_TOKEN
     max_trace_tokens: int = 48
+    # Raw input text (title + attribute lines, or query text) longer than this is cut at embedding time, and
+    # counted (Moon3Embedder.truncated_texts): a 10 MB title must not take the process down.
+    max_text_tokens: int = 512
     reasoning: bool = True
     # Honest reasoning flag (method.md section 1): whether any training stage taught the model to write traces
     # (SFT on synthesized traces and/or RL). A model saved without them embeds with reasoning off by default.

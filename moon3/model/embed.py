@@ -84,7 +84,9 @@ def embed_table(
     matrix = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, dim), np.float32)
     ids = [str(i) for i in df[id_col]]
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {**model.contract.to_dict(), "reasoning_used": reasoning, "table": table}
+    # Inputs whose text was cut to the contract's max_text_tokens: counted in the file, never silent.
+    meta = {**model.contract.to_dict(), "reasoning_used": reasoning, "table": table,
+            "truncated_texts": model.truncated_texts}  # fmt: skip
     if out_path.suffix == ".npy":
         np.save(out_path, matrix)
         _ids_path(out_path).write_text(json.dumps(ids))

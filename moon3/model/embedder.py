@@ -183,6 +183,7 @@ class Moon3Embedder(nn.Module):
         if self.fire is not None:
             self.fire.attach(backbone)
         self._segment_cache: dict[str, list[int]] = {}
+        self.truncated_texts = 0  # inputs whose text was cut to contract.max_text_tokens (see prepare_batch)
         # Generation must not write template or image tokens into a trace; it may only close it.
         self._suppress = sorted(
             i for t, i in self.tokenizer.get_added_vocab().items() if t != C.THINK_END and i < len(self.tokenizer)
@@ -351,7 +352,14 @@ class Moon3Embedder(nn.Module):
         budget = self.contract.max_trace_tokens if max_trace_tokens is None else max_trace_tokens
         vision, counts = self._images(items)
         texts = [it.get("text") or "" for it in items]
-        text_ids = self._raw_ids(texts)
+        limit = self.contract.max_text_tokens
+        # Characters first (tokenizing a 10 MB string costs more than the cut saves), then tokens; both counted.
+        clipped = [t[: 16 * limit] for t in texts]
+        text_ids = self._raw_ids(clipped)
+        for i, ids in enumerate(text_ids):
+            if len(ids) > limit or len(clipped[i]) < len(texts[i]):
+                self.truncated_texts += int(not open_trace)  # once per embedded input, not again for its trace
+                text_ids[i] = ids[:limit]
         trace_ids = [ids[:budget] for ids in self._trace_ids(traces or [None] * len(items))]
         tid = self.token_ids
         rows, kinds, labels = [], [], []
