@@ -64,17 +64,52 @@ def data_make_sample(
 def data_import(
     source: str = typer.Argument(..., help="mbe | fashion200k | m5product"),
     source_path: str = typer.Argument(..., help="Input folder or file (local or gs://)."),
-    out_dir: Path = typer.Option(Path("data/prepared"), help="Output dataset folder."),
-    eval_fraction: float = typer.Option(0.2, help="Fraction of products held out for evaluation."),
-    seed: int = typer.Option(0, help="Seed of the split assignment."),
+    params: Path = ParamsOpt,
+    overrides: list[str] = SetOpt,
+    out_dir: Path = typer.Option(None, help="Output dataset folder (default: data.out_dir)."),
+    eval_fraction: float = typer.Option(
+        None, help="Fraction of products held out for evaluation (default: data.eval_fraction)."
+    ),
+    seed: int = typer.Option(None, help="Seed of the split assignment (default: data.seed)."),
 ) -> None:
-    """Import a public dataset layout into the moon3 format."""
-    from moon3.data.importers import import_dataset
-    from moon3.data.stats import dataset_stats
+    """Import a public dataset layout into the moon3 format, as the `prepare` stage does (params.yaml's data
+    settings; import_report.json and stats.json beside the tables)."""
+    from moon3.data.prepare import import_source, write_stats
 
-    report = import_dataset(source, source_path, out_dir, eval_fraction=eval_fraction, seed=seed)
-    console.print(f"imported: {report}")
-    _print_stats(dataset_stats(out_dir))
+    cfg = config_or_exit(params, overrides).data
+    cfg.source, cfg.source_path = source, source_path
+    cfg.out_dir = str(out_dir) if out_dir is not None else cfg.out_dir
+    cfg.eval_fraction = eval_fraction if eval_fraction is not None else cfg.eval_fraction
+    cfg.seed = seed if seed is not None else cfg.seed
+    try:
+        report = import_source(cfg)
+    except (ValueError, FileNotFoundError) as err:  # ImportFormatError is a ValueError
+        console.print(f"[red]import failed:[/red] {err}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    console.print(f"imported: {report}", markup=False, highlight=False, soft_wrap=True)
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    _print_stats(write_stats(cfg.out_dir))
+
+
+@data_app.command("fingerprint")
+def data_fingerprint(
+    params: Path = ParamsOpt,
+    overrides: list[str] = SetOpt,
+    out_path: Path = typer.Option(Path("data/source_fingerprint.json"), "--out", help="Where to write it."),
+) -> None:
+    """The DVC `source` stage: fingerprint data.source_path, so `prepare` re-runs when the catalog changes."""
+    from moon3.data.fingerprint import write_fingerprint
+
+    cfg = config_or_exit(params, overrides).data
+    try:
+        fingerprint = write_fingerprint(cfg, out_path)
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]fingerprint failed:[/red] {err}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    files = f", {fingerprint['files']} files, {fingerprint['bytes']} bytes" if "files" in fingerprint else ""
+    line = f"source {fingerprint['source']} ({fingerprint['kind']}{files}): {out_path}"
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @data_app.command("prepare")
@@ -106,14 +141,30 @@ def data_stats(
         _print_stats(stats)
 
 
+STATS_TOP_CATEGORIES = 12  # names printed per category level (the most frequent); --json has them all
+
+
 def _print_stats(stats: dict) -> None:
     table = Table("table", "total", "train", "eval", title="mbe3 dataset")
     for name in ("products", "queries"):
         s = stats[name]
         table.add_row(name, str(s["total"]), str(s.get("train", 0)), str(s.get("eval", 0)))
     out.print(table)
-    out.print("query types: " + ", ".join(f"{k}={v}" for k, v in stats["query_types"].items()))
-    out.print("category level 1: " + ", ".join(f"{k}={v}" for k, v in stats["category_level1"].items()))
+    out.print("query types: " + (", ".join(f"{k}={v}" for k, v in stats["query_types"].items()) or "none"))
+    if not stats["queries"]["total"]:
+        out.print(
+            "[yellow]notice: no queries. Training will use intra-product pairs (each product's title + attributes "
+            "vs its image, CLIP-style); evaluation measures text->image, image->text and zero-shot classification, "
+            "and skips the query-based retrieval tasks. Add queries (query_text and/or query_image with a "
+            "positive_product_id) to train and measure query retrieval.[/yellow]"
+        )
+    levels = stats.get("category_levels") or {"1": stats["category_level1"]}
+    for level, counts in levels.items():
+        top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"{k}={v}" for k, v in top[:STATS_TOP_CATEGORIES])
+        more = f", ... (+{len(top) - STATS_TOP_CATEGORIES} more)" if len(top) > STATS_TOP_CATEGORIES else ""
+        values = f"{len(counts)} value{'' if len(counts) == 1 else 's'}"
+        out.print(f"category level {level} ({values}): {shown}{more}", markup=False, highlight=False)
     attrs = Table("attribute", "values", "top values", title="attributes")
     for key, counts in stats["attributes"].items():
         top = sorted(counts.items(), key=lambda kv: -kv[1])[:4]
@@ -138,6 +189,12 @@ def train_contrastive_cmd(
     out_dir: Path = typer.Option(None, help="Model output folder (default: train.out_dir)."),
     report_dir: Path = typer.Option(None, help="Metrics and plots folder (default: train.report_dir)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest complete checkpoint."),
+    allow_config_change: bool = typer.Option(
+        False,
+        "--allow-config-change",
+        help="With --resume: accept model/train settings that differ from the "
+        "checkpoint's (each change is printed and tagged on the MLflow run).",
+    ),
     ablation: str = typer.Option(
         None, help="Train an ablation instead (no_fusion | no_fire | no_reasoning) into models/ablations/NAME."
     ),
@@ -153,15 +210,22 @@ def train_contrastive_cmd(
         except ValueError as err:
             console.print(f"[red]--ablation:[/red] {err}")
             raise typer.Exit(2) from None
+    from moon3.train.checkpoint import ResumeError
+
     cfg = config_or_exit(params, overrides)
-    summary = train_contrastive(
-        cfg,
-        data_dir or Path(cfg.validation.out_dir),
-        out_dir=out_dir,
-        report_dir=report_dir,
-        resume=resume,
-        progress=sys.stderr.isatty(),
-    )
+    try:
+        summary = train_contrastive(
+            cfg,
+            data_dir or Path(cfg.validation.out_dir),
+            out_dir=out_dir,
+            report_dir=report_dir,
+            resume=resume,
+            progress=True,  # a bar on a terminal, plain timed lines otherwise (moon3.common.progress)
+            allow_config_change=allow_config_change,
+        )
+    except ResumeError as err:
+        console.print(f"[red]resume refused:[/red] {err}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2) from None
     if os.environ.get("RANK", "0") == "0":
         print_json(summary)
 
@@ -192,7 +256,7 @@ def embed_cmd(
     table = table or table_path.stem
     try:
         if model_dir:
-            model = Moon3Embedder.from_pretrained(model_dir)
+            model = Moon3Embedder.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
         else:
             console.print("no --model: embedding with an untrained model built from params.yaml (a baseline)")
             model = Moon3Embedder.from_config(cfg.model, catalog_texts(table_path.parent))
@@ -320,6 +384,10 @@ def validate_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> Non
             level = f"[red]{f.level}[/red]" if f.blocking else f.level
             failed.add_row(f.table, f.check, level, str(f.count), ", ".join(f.examples))
         out.print(failed)
+        # The attribute rules name what offends (keys, key=value): one plain line each, blocking or not.
+        for f in result.failures:
+            if not f.blocking and f.check.endswith(("_attribute_key", "_attribute_value")):
+                console.print(f"{f.table}: {f.check}: {f.message}", markup=False, highlight=False, soft_wrap=True)
     report = result.paths.get("html_report")
     if not result.passed:
         # One plain line per blocking failure too: narrow logs (DVC, CI) wrap the table's message column.
@@ -346,7 +414,7 @@ def evaluate_cmd(
 
     cfg = config_or_exit(params, overrides)
     try:
-        result = run_evaluation(cfg, data_dir, out_dir, progress=sys.stderr.isatty())
+        result = run_evaluation(cfg, data_dir, out_dir, progress=True)  # bar or plain lines (common.progress)
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]evaluate failed:[/red] {err}")
         raise typer.Exit(1) from None
@@ -414,9 +482,11 @@ if __name__ == "__main__":
 
 # --- stages that own their commands (moon3/<stage>/cli.py) -------------------------------------------------
 def _register_stage_commands() -> None:
+    from moon3.data.cli import register as register_data
     from moon3.rl.cli import register as register_rl
     from moon3.synthesis.cli import register as register_synthesis
 
+    register_data(data_app)
     register_synthesis(app)
     register_rl(train_app)
 

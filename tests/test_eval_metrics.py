@@ -300,13 +300,14 @@ def test_tasks_known_answers_and_collapsed_model(tiny_dataset):
 
 
 def test_evaluate_writes_report_and_skips_empty_modality(tiny_dataset, tmp_path):
-    # Same dataset without image queries: image->mm must be reported as skipped, not crash.
+    # Same dataset without image queries nor multimodal ones to derive image views from: image->mm (and mm->mm)
+    # must be reported as skipped, not crash.
     data_dir = tmp_path / "no-image-queries"
     data_dir.mkdir()
     (data_dir / "images").symlink_to(tiny_dataset / "images")  # shared, read-only
     products, queries = read_dataset(tiny_dataset)
     write_table(products, table_path(data_dir, PRODUCTS), PRODUCTS)
-    write_table(queries[queries["query_type"] != "image"], table_path(data_dir, QUERIES), QUERIES)
+    write_table(queries[~queries["query_type"].isin(["image", "multimodal"])], table_path(data_dir, QUERIES), QUERIES)
 
     cfg = EvalConfig(embed_chunk=32, curve_ks=[1, 5, 10, 50], references=[])
     untrained = ClosableCollapsed()
@@ -315,7 +316,7 @@ def test_evaluate_writes_report_and_skips_empty_modality(tiny_dataset, tmp_path)
     out = evaluate(cfg, variants, data_dir, tmp_path / "report", progress=False, missing=missing)
     assert untrained.closed == 1
 
-    assert out["skipped"]["trained"]["retrieval/image_to_mm"] == "no eval queries of type 'image'"
+    assert out["skipped"]["trained"]["retrieval/image_to_mm"].startswith("no eval queries of type 'image'")
     assert "image_to_mm" not in out["metrics"]["trained"]["retrieval"]
     assert out["flat"]["trained/retrieval/text_to_image/recall_at_1"] == 1.0
     assert out["flat"]["untrained/retrieval/text_to_image/recall_at_1"] == 0.0
@@ -339,7 +340,7 @@ def test_evaluate_writes_report_and_skips_empty_modality(tiny_dataset, tmp_path)
     assert "<th>text→image R@10</th>" in header and "<th>category L1 acc</th>" in header
     trained_row = re.search(r"<tr><td class=\"\">trained</td>(.*?)</tr>", html).group(1)
     assert '<td class="skip">skipped</td>' in trained_row  # image->mm column
-    assert html.count("<img class='plot'") == 6  # 4 recall curves + 2 confusion matrices
+    assert html.count("<img class='plot'") == 5  # 3 recall curves + 2 confusion matrices
     md = Path(out["paths"]["markdown"]).read_text()
     assert out["table"] in md and "| untrained |" in md and "retrieval/image_to_mm" in md
     assert "no_fire: not evaluated: no saved model at 'models/no_fire'" in md and "no_fire: not evaluated" in html
@@ -371,10 +372,12 @@ def test_collect_variants_finds_saved_models_and_lists_missing(tmp_path):
     assert variants["reasoning_off"].reasoning is False and variants["trained"].reasoning is None
     assert missing == {"no_rl": f"no saved model at {str(tmp_path / 'nope')!r}"}
     # A model saved with reasoning off (never trained on traces): its other mode is reasoning forced on.
-    variants, missing = collect_variants(EvalConfig(model_dir=str(tmp_path / "direct"), baseline_dir=""))
+    variants, missing = collect_variants(
+        EvalConfig(model_dir=str(tmp_path / "direct"), baseline_dir="", ablation_dirs={})
+    )
     assert list(variants) == ["trained", "reasoning_on_forced"] and set(missing) == {"untrained"}
     assert variants["reasoning_on_forced"].reasoning is True
-    cfg = EvalConfig(model_dir=str(tmp_path / "direct"), baseline_dir="", other_reasoning_mode=False)
+    cfg = EvalConfig(model_dir=str(tmp_path / "direct"), baseline_dir="", other_reasoning_mode=False, ablation_dirs={})
     assert list(collect_variants(cfg)[0]) == ["trained"]
     with pytest.raises(ValueError, match="clashes"):
         collect_variants(EvalConfig(model_dir=str(tmp_path / "final"), ablation_dirs={"chance": str(tmp_path)}))

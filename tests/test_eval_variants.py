@@ -35,7 +35,7 @@ def saved(tmp_path_factory) -> Path:
 
 
 def test_model_trained_without_traces_embeds_with_reasoning_off_and_says_so(saved):
-    variants, missing = collect_variants(EvalConfig(model_dir=str(saved / "model"), baseline_dir=""))
+    variants, missing = collect_variants(EvalConfig(model_dir=str(saved / "model"), baseline_dir="", ablation_dirs={}))
     assert list(variants) == ["trained", "reasoning_on_forced"] and set(missing) == {"untrained"}
     cfg = EvalConfig(embed_chunk=64, references=[], bootstrap_samples=100, example_queries=1)
     out = evaluate(cfg, variants, saved, saved / "report", progress=False, missing=missing)

@@ -75,8 +75,14 @@ def test_trust_from_the_file_alone_is_refused_even_without_auto_map(saved_model,
         (lambda f: _edit_json(f / "moon3_config.json", lambda p: p["model"].update(embed_dim="8")), "model.embed_dim"),
         (lambda f: (f / BACKBONE_DIR / "model.safetensors").write_bytes(b"\0" * 64), "not a loadable backbone"),
     ],
-    ids=["truncated-heads", "pickle-as-heads", "truncated-backbone-config", "truncated-contract", "wrong-type",
-         "corrupt-backbone-weights"],  # fmt: skip
+    ids=[
+        "truncated-heads",
+        "pickle-as-heads",
+        "truncated-backbone-config",
+        "truncated-contract",
+        "wrong-type",
+        "corrupt-backbone-weights",
+    ],  # fmt: skip
 )
 def test_corrupt_model_files_give_one_clear_error(saved_model, tmp_path, damage, message):
     folder = _copy(saved_model, tmp_path)
@@ -167,3 +173,62 @@ def test_credentials_in_uris_are_redacted_in_mlflow_params_and_the_compiled_pipe
     run = mlflow.get_run(tracker.run_id)
     values = " ".join(run.data.params.values())
     assert "s3cr3t" not in values and "abc123" not in values and "<redacted>@mlflow.example.com" in values
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+
+TRAIN_FAST = ["train.traces_dir=", "train.heldout_queries=0", "train.batch_size=8", "train.warmup_steps=1",
+              "train.steps=4", "train.save_every=2", "train.torch_threads=1", "train.num_workers=0"]  # fmt: skip
+
+
+def _train(out: Path, data: Path, sets: list[str], *flags: str) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "moon3"), "train", "contrastive", "--params", str(REPO / "params.yaml"), "--data-dir",
+           str(data), "--out-dir", str(out), "--report-dir", str(out / "reports"), *flags]  # fmt: skip
+    for item in TRAIN_FAST + sets:
+        cmd += ["--set", item]
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent}/mlruns.db",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def trained_run(mini_dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    result = _train(out, mini_dataset, [])
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(trained_run, mini_dataset, tmp_path):
+    out = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    shutil.rmtree(out / "final")
+    latest = out / "checkpoints" / "step-000004" / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    result = _train(out, mini_dataset, [], "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "step-000004 does not load" in result.stdout and "resuming from" in result.stdout
+    assert "(step 2)" in result.stdout and (out / "final" / "moon3_config.json").exists()
+
+
+def test_resume_with_changed_settings_is_refused_unless_allowed(trained_run, mini_dataset, tmp_path):
+    out = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    refused = _train(out, mini_dataset, ["train.lr=0.1", "train.batch_size=4"], "--resume")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    message = " ".join(refused.stderr.split())
+    assert "resume refused" in message and "train.lr: 0.001 -> 0.1" in message and "train.batch_size: 8 -> 4" in message
+    # Where it writes and how often it saves are not training settings.
+    same = _train(out, mini_dataset, ["train.save_every=4", "train.log_every=1"], "--resume")
+    assert same.returncode == 0, same.stderr[-2000:]
+    allowed = _train(out, mini_dataset, ["train.lr=0.1", "train.steps=6"], "--resume", "--allow-config-change")
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert "resuming with a changed setting (--allow-config-change): train.lr: 0.001 -> 0.1" in allowed.stdout
+
+
+def test_a_huge_title_is_cut_to_the_contract_and_counted(saved_model):
+    model = Moon3Embedder.from_pretrained(saved_model)
+    limit = model.contract.max_text_tokens
+    huge = "red cotton mug " * 200_000  # 3 MB of text
+    batch = model.prepare_batch([{"text": huge, "image": None}, {"text": "red mug", "image": None}])
+    assert int(batch["text_mask"][0].sum()) == limit and model.truncated_texts == 1
+    embedding = model.embed([{"text": huge, "image": None}])
+    assert embedding.shape == (1, model.contract.embed_dim) and model.truncated_texts == 2

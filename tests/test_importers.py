@@ -252,6 +252,38 @@ def test_prepare_stage_runs_an_importer_and_reads_its_output(tmp_path):
     assert json.loads((tmp_path / "out" / "import_report.json").read_text())["products_written"] == 4
 
 
+def test_cli_import_reads_params_like_prepare_and_writes_stats(tmp_path):
+    """`moon3 data import` takes seed and eval fraction from params.yaml's data section (--set and its own options
+    override them) and writes stats.json, exactly like the prepare stage."""
+    from typer.testing import CliRunner
+
+    from moon3.cli import app
+    from moon3.data.stats import dataset_stats
+
+    src = tmp_path / "src"
+    write_mbe_parquet(src)
+    params = write_file(tmp_path / "params.yaml", "data:\n  seed: 3\n  eval_fraction: 0.5\n  out_dir: unused\n")
+    runs = {
+        "params": ([], 3, 0.5),
+        "set": (["--set", "data.seed=7"], 7, 0.5),
+        "options": (["--seed", "11", "--eval-fraction", "0.25"], 11, 0.25),
+    }
+    for name, (extra, seed, fraction) in runs.items():
+        out = tmp_path / name
+        args = ["data", "import", "mbe", str(src), "--params", str(params), "--out-dir", str(out), *extra]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        products, queries = read_dataset(out)
+        check_splits(products, queries, seed, fraction)
+        stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
+        expected = json.loads(json.dumps(dataset_stats(out)))
+        assert {**stats, "bytes_on_disk": 0} == {**expected, "bytes_on_disk": 0}  # stats.json counts itself now
+        assert stats["products"]["total"] == 4
+        assert json.loads((out / "import_report.json").read_text())["products_written"] == 4
+    missing = CliRunner().invoke(app, ["data", "import", "mbe", str(tmp_path / "nope"), "--params", str(params)])
+    assert missing.exit_code == 1 and "not found" in missing.output
+
+
 # ----------------------------------------------------------------------------------------------- Fashion200K
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -216,3 +217,44 @@ def test_training_is_tracked_in_a_real_mlflow_server(mini_dataset, init_model, t
     assert run.data.metrics["final_infonce"] > 0
     files = {f.path for f in client.list_artifacts(run.info.run_id, "model")}
     assert {"model/moon3_config.json", "model/moon3_heads.safetensors", "model/backbone"} <= files
+
+
+def test_empty_mlflow_experiment_is_mlflow_off_dvclive_on(tmp_path, monkeypatch):
+    """The Tracker behind train and rl: an empty (or blank) experiment starts no MLflow run; dvclive still logs."""
+    import mlflow
+
+    from moon3.train.tracking import Tracker
+
+    def no_mlflow(*args, **kwargs):
+        raise AssertionError("MLflow must not be called when the experiment name is empty")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlruns.db")
+    for name in ("set_experiment", "start_run", "log_metrics", "log_params", "log_artifacts", "end_run"):
+        monkeypatch.setattr(mlflow, name, no_mlflow)
+    for experiment in ("", "  "):
+        live = tmp_path / f"live{len(experiment)}"
+        tracker = Tracker(True, experiment, "pretrain", live, {"train": {"steps": 2}})
+        assert tracker.enabled and not tracker.mlflow_on and tracker.run_id is None
+        tracker.log_metrics({"infonce": 1.5}, 1)
+        tracker.log_metrics({"infonce": 1.0}, 2)
+        tracker.log_summary({"final_infonce": 1.0})
+        tracker.log_model_dir(tmp_path)
+        tracker.close()
+        assert (live / "plots/metrics/infonce.tsv").read_text().splitlines()[1:] == ["1\t1.5", "2\t1.0"]
+    assert not (tmp_path / "mlruns.db").exists()
+
+
+def test_untracked_run_prints_progress_lines_when_stderr_is_a_pipe(mini_dataset, init_model, tmp_path):
+    """`--set train.mlflow_experiment=` trains without MLflow; off a terminal (dvc repro in CI, a log file) the
+    trainer prints plain progress lines with done/total, ETA and rate instead of nothing."""
+    out = _out_dir(tmp_path, "untracked", init_model)
+    env = {**_env(tmp_path), "MOON3_PROGRESS_INTERVAL": "0"}
+    sets = ["train.steps=3", "train.save_every=3", "train.mlflow_experiment="]
+    result = subprocess.run(_train_cmd(out, mini_dataset, sets), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "mlruns.db").exists()
+    assert len((out / "reports/dvclive/plots/metrics/infonce.tsv").read_text().splitlines()) == 4
+    lines = [line for line in result.stderr.splitlines() if line.startswith("pretrain: ")]
+    assert len(lines) == 3, result.stderr[-3000:]
+    assert re.fullmatch(r"pretrain: 3/3 \(100%\) elapsed \S+, ETA \S+, [\d.]+(step/s|s/step), loss=.*", lines[-1])
+    assert "\r" not in result.stderr

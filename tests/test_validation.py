@@ -171,7 +171,12 @@ ROW_CASES = {
     "category_depth": (_bad_category, {12: ["category_depth"], 13: ["category_depth"]}),
     "near_duplicate": (_twin, {21: ["near_duplicate"]}),
 }
-CASE_CONFIG = {"near_duplicate": {"near_duplicates": "quarantine"}}
+MINI_KEYS = ["color", "pattern", "size", "logo", "material", "brand"]
+# unknown_attribute_key exists only with the override; without it the vocabulary is learned (tests below).
+CASE_CONFIG = {
+    "near_duplicate": {"near_duplicates": "quarantine"},
+    "unknown_attribute": {"allowed_attribute_keys": MINI_KEYS},
+}
 
 
 @pytest.mark.parametrize("case", list(ROW_CASES))
@@ -200,6 +205,69 @@ def test_bad_product_rows_are_quarantined_with_reason(mini_dataset, tmp_path, ca
     accepted = read_table(table_path(result.out_dir, QUERIES), QUERIES)
     accepted_products = set(read_table(table_path(result.out_dir, PRODUCTS), PRODUCTS)["product_id"])
     assert set(accepted["positive_product_id"]) <= accepted_products
+
+
+CHINESE_KEYS = {"color": "颜色", "pattern": "图案", "size": "尺码", "logo": "标志", "material": "材质", "brand": "品牌"}
+
+
+def _rows_of(df, split: str) -> list[int]:
+    return np.flatnonzero(df["split"].to_numpy() == split).tolist()
+
+
+def test_attribute_vocabulary_is_learned_from_the_training_split(mini_dataset, tmp_path):
+    """Other keys than mbe3-mini's (Chinese ones here) pass with default settings; eval products with a key or a
+    value never seen in training are flagged by name, not quarantined; the vocabulary is written out."""
+    marks = {}
+
+    def chinese(df, root):
+        df["attributes"] = [{CHINESE_KEYS[k]: v for k, v in a.items()} for a in df["attributes"]]
+        train, eval_ = _rows_of(df, "train"), _rows_of(df, "eval")
+        marks.update(train=df["product_id"].iloc[train[0]], key=df["product_id"].iloc[eval_[0]],
+                     value=df["product_id"].iloc[eval_[1]])  # fmt: skip
+        _set(df, train[0], "attributes", {**df["attributes"].iloc[train[0]], "产地": "杭州"})  # learned
+        _set(df, eval_[0], "attributes", {**df["attributes"].iloc[eval_[0]], "风格": "简约"})  # key unseen
+        _set(df, eval_[1], "attributes", {**df["attributes"].iloc[eval_[1]], "颜色": "藏青"})  # value unseen
+
+    data = _copy(mini_dataset, tmp_path / "data", products=chinese)
+    result = _run(tmp_path, data)
+    assert result.passed, [f.to_dict() for f in result.blocking]
+    _reconciles(result, data)
+    assert result.metrics[PRODUCTS]["rows_quarantined"] == result.metrics[QUERIES]["rows_quarantined"] == 0
+    key, value = _failure(result, "unseen_attribute_key"), _failure(result, "unseen_attribute_value")
+    assert (key.level, key.count, key.examples, key.values) == ("info", 1, [marks["key"]], ["风格"])
+    assert (value.level, value.count, value.examples, value.values) == ("info", 1, [marks["value"]], ["颜色=藏青"])
+    assert "风格 (1 row)" in key.message and "颜色=藏青 (1 row)" in value.message
+    assert {f.check for f in result.failures} == {"unseen_attribute_key", "unseen_attribute_value"}
+    assert result.metrics[PRODUCTS]["flagged"] == {"near_duplicate": 0, "unseen_attribute_key": 1,
+                                                   "unseen_attribute_value": 1}  # fmt: skip
+
+    vocabulary = json.loads((result.out_dir / "attribute_vocabulary.json").read_text())
+    assert set(vocabulary["keys"]) == {*CHINESE_KEYS.values(), "产地"} and vocabulary["allowed_attribute_keys"] is None
+    assert vocabulary["keys"]["产地"] == {"products": 1, "values": {"杭州": 1}}
+    assert "藏青" not in vocabulary["keys"]["颜色"]["values"] and "风格" not in vocabulary["keys"]
+    metrics = json.loads(result.paths["metrics"].read_text())["attribute_vocabulary"]
+    assert metrics["keys"] == 7 and metrics["values_per_key"]["产地"] == 1
+    assert metrics["eval_unseen_keys"] == {"风格": 1} and metrics["eval_products_with_unseen_values"] == 1
+    assert metrics["train_products"] == sum(v["products"] for v in vocabulary["keys"].values()) // 6
+    html = result.paths["html_report"].read_text()
+    assert "风格" in html and "颜色=藏青" in html
+
+
+def test_allowed_attribute_keys_override_quarantines_and_names_other_keys(mini_dataset, tmp_path):
+    def extra(df, root):
+        for row, key in ((_rows_of(df, "train")[0], "fabric"), (_rows_of(df, "eval")[0], "fabric"),
+                         (_rows_of(df, "train")[1], "颜色")):  # fmt: skip
+            _set(df, row, "attributes", {**df["attributes"].iloc[row], key: "x"})
+
+    data = _copy(mini_dataset, tmp_path / "data", products=extra)
+    result = _run(tmp_path, data, allowed_attribute_keys=MINI_KEYS, max_reject_fraction=0.05)
+    assert result.passed, [f.to_dict() for f in result.blocking]
+    failure = _failure(result, "unknown_attribute_key")
+    assert failure.count == 3 and sorted(failure.values) == ["fabric", "fabric", "颜色"]
+    assert "fabric (2 rows), 颜色 (1 row)" in failure.message
+    assert not [f for f in result.failures if f.check.startswith("unseen_")]  # unknown keys are not also unseen
+    vocabulary = json.loads((result.out_dir / "attribute_vocabulary.json").read_text())
+    assert set(vocabulary["keys"]) == set(MINI_KEYS) and vocabulary["allowed_attribute_keys"] == MINI_KEYS
 
 
 def test_dangling_positive_id_quarantines_the_query(mini_dataset, tmp_path):
@@ -285,7 +353,8 @@ def test_near_duplicates_are_flagged_by_default(mini_dataset, tmp_path):
     ids = read_table(table_path(data, PRODUCTS), PRODUCTS)["product_id"].tolist()
     result = _run(tmp_path, data)
     assert result.passed and result.metrics[PRODUCTS]["rows_quarantined"] == 0
-    assert result.metrics[PRODUCTS]["flagged"] == {"near_duplicate": 1}
+    assert result.metrics[PRODUCTS]["flagged"] == {"near_duplicate": 1, "unseen_attribute_key": 0,
+                                                   "unseen_attribute_value": 0}  # fmt: skip
     failure = _failure(result, "near_duplicate")
     assert failure.level == "info" and failure.examples == [ids[21]] and failure.values == [ids[20]]
 
@@ -298,6 +367,7 @@ def test_cli_exits_1_with_a_readable_message(mini_dataset, tmp_path, monkeypatch
 
     data = _copy(mini_dataset, tmp_path / "corrupt", products=dup)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "none.yaml").write_text("{}\n")  # built-in defaults (a missing --params file is an error)
     args = ["validate", "--params", str(tmp_path / "none.yaml"), "--set", f"validation.in_dir={data}"]
     result = CliRunner().invoke(app, args, terminal_width=200)
     assert result.exit_code == 1, result.output

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 REFERENCE_NAMES = ("ref_tfidf", "ref_pixels", "ref_tfidf_pixels")
 # Top-level keys of metrics.json beside the variants: no variant may take these names.
-METRICS_KEYS = ("chance", "majority", "deltas", "below_references")
+METRICS_KEYS = ("chance", "majority", "deltas", "below_references", "skipped", "derived")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,45 @@ from moon3.model.items import product_text
 # product under it) are a training signal; category names are measured by zero-shot classification instead.
 QUERY_TASKS = {"text": "text_to_mm", "image": "image_to_mm", "multimodal": "mm_to_mm"}
 NOT_RETRIEVAL_QUERY_TYPES = ("category",)
+# A single-modality query type a catalog lacks is derived from its multimodal queries: the column kept, the
+# other one blanked (a text+image query yields its text-only and its image-only view).
+DERIVED_VIEWS = {"text": ("query_text", "query_image"), "image": ("query_image", "query_text")}
+DERIVED_NOTE = (
+    "derived from multimodal queries: their {qtype}-only view ({n} queries; the catalog has no {qtype} queries)"
+)
+
+
+def _present(values: pd.Series) -> np.ndarray:
+    """Non-null, non-blank entries of a string column."""
+    return (values.notna() & (values.astype(str).str.strip() != "")).to_numpy(dtype=bool)
+
+
+def derive_single_modality(queries: pd.DataFrame, qtype: str) -> pd.DataFrame:
+    """The ``qtype`` (``text`` / ``image``) view of the multimodal queries in ``queries``.
+
+    Rows keep their ``query_id`` and positive; ``query_type`` becomes ``qtype``; only multimodal queries that have
+    the kept input are used. Callers derive only when the catalog has no native ``qtype`` queries (never mixed).
+    """
+    keep, drop = DERIVED_VIEWS[qtype]
+    multimodal = queries[queries["query_type"] == "multimodal"]
+    view = multimodal[_present(multimodal[keep])].copy()
+    view[drop] = None
+    view["query_type"] = qtype
+    return view.reset_index(drop=True)
+
+
+def queries_by_type(queries: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """Retrieval queries per type (:data:`QUERY_TASKS`), with text / image views derived from the multimodal
+    queries when a type has no native query; ``notes`` says which types were derived (type -> note)."""
+    by_type, notes = {}, {}
+    for qtype in QUERY_TASKS:
+        frame = queries[queries["query_type"] == qtype].reset_index(drop=True)
+        if frame.empty and qtype in DERIVED_VIEWS:
+            frame = derive_single_modality(queries, qtype)
+            if not frame.empty:
+                notes[qtype] = DERIVED_NOTE.format(qtype=qtype, n=len(frame))
+        by_type[qtype] = frame
+    return by_type, notes
 
 
 @dataclass
@@ -27,6 +66,8 @@ class EvalData:
         products: eval-split products; their row order is the gallery order.
         queries: eval-split queries per query type (capped at ``max_queries_per_task``).
         positives: per query type, each query's gallery row.
+        derived: query type -> note, for the types whose queries are views of the multimodal queries (the catalog
+            has none of that type; :func:`queries_by_type`).
         categories: per level (1-based), the category names of that level across the whole catalog.
         attributes: per attribute type, its values across the whole catalog.
         train_texts: texts of the train-split products (title and attributes), what a reference may fit on.
@@ -42,6 +83,7 @@ class EvalData:
     attributes: dict[str, list[str]]
     train_texts: list[str]
     counts: dict[str, dict[str, int]]
+    derived: dict[str, str] = field(default_factory=dict)
 
 
 def _cap(frame: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
@@ -60,7 +102,8 @@ def load_eval_data(data_dir: str | Path, cfg: EvalConfig) -> EvalData:
 
     With ``cfg.max_products`` the gallery is a seeded sample of the eval products and only the queries of
     sampled products are kept; ``cfg.max_queries_per_task`` then samples queries per type. Category queries
-    are left out (see :data:`NOT_RETRIEVAL_QUERY_TYPES`).
+    are left out (see :data:`NOT_RETRIEVAL_QUERY_TYPES`). A text or image type without eval queries is derived
+    from the eval multimodal queries (:func:`queries_by_type`, listed in ``derived``).
 
     Raises:
         ValueError: no eval products, an unknown query type, or eval queries whose positive is not an eval
@@ -89,10 +132,10 @@ def load_eval_data(data_dir: str | Path, cfg: EvalConfig) -> EvalData:
         products = _cap(products, cfg.max_products, cfg.seed)
         queries = queries[queries["positive_product_id"].isin(set(products["product_id"]))].reset_index(drop=True)
         position = {pid: i for i, pid in enumerate(products["product_id"])}
-    by_type, positives = {}, {}
-    for qtype in QUERY_TASKS:
-        frame = _cap(queries[queries["query_type"] == qtype].reset_index(drop=True), cfg.max_queries_per_task, cfg.seed)
-        by_type[qtype] = frame
+    by_type, derived = queries_by_type(queries)
+    positives = {}
+    for qtype, frame in by_type.items():
+        by_type[qtype] = frame = _cap(frame, cfg.max_queries_per_task, cfg.seed)
         positives[qtype] = frame["positive_product_id"].map(position).to_numpy(dtype=np.int64)
     categories: dict[int, set[str]] = {}
     for path in all_products["category_path"]:
@@ -116,4 +159,5 @@ def load_eval_data(data_dir: str | Path, cfg: EvalConfig) -> EvalData:
             "queries_by_split": _counts(all_queries["split"]),
             "eval_queries_by_type": _counts(all_queries.loc[all_queries["split"] == "eval", "query_type"]),
         },
+        derived=derived,
     )

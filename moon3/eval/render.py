@@ -1,9 +1,9 @@
 """The evaluation report as Markdown and as one self-contained HTML page (plots and thumbnails inlined).
 
 Section order: provenance, trace synthesis (the counts of the traces the model was trained on), the "below the
-non-learned references" block, the comparison table (with chance
-and majority rows), reasoning modes and traces, paired deltas vs the trained model (ablations, baselines,
-references), per-task details, qualitative examples, what was not scored, plots.
+non-learned references" block, the comparison table (with chance and majority rows, and the tasks measured on
+queries derived from multimodal ones), reasoning modes and traces, paired deltas vs the trained model (ablations,
+baselines, references), per-task details, qualitative examples, what was not scored, plots.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ MEANS_NOTE = (
     "Means are over the tasks each row ran (a reference skips the tasks whose sides share none of its "
     "modalities). Chance: K / gallery size, 1 / classes; majority: share of the most frequent class."
 )
+
+DERIVED_TITLE = "Tasks measured on derived queries (the catalog has none of that type)"
 
 
 NO_ABLATIONS = (
@@ -133,6 +135,16 @@ def synthesis_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def derived_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per task measured on derived queries (e.g. text views of multimodal queries), saying so."""
+    return [f"{_task_name(key)}: {note}" for key, note in (summary.get("notes") or {}).items()]
+
+
+def _task_name(key: str) -> str:
+    kind, _, name = key.partition("/")
+    return TASK_LABELS.get(name, name) if kind == "retrieval" else key
+
+
 def not_scored_lines(summary: dict[str, Any]) -> list[str]:
     """Variants not evaluated, then skipped tasks: once for all variants when they all skip a task for the same
     reason, else per variant with the tasks that share a reason on one line."""
@@ -177,6 +189,9 @@ def render_markdown(summary: dict[str, Any], pngs: list[Path], out: Path, title:
     head = "## ⚠ Below the non-learned references" if warning else "## Non-learned references"
     parts += ["", head, "", *[f"- {line}" if i else line for i, line in enumerate(lines)], ""]
     parts += ["## Comparison", "", markdown_table(*main_table(summary)), "", MEANS_NOTE, ""]
+    derived = derived_lines(summary)
+    if derived:
+        parts += [DERIVED_TITLE + ":", "", *[f"- {line}" for line in derived], ""]
     parts += ["## Reasoning modes", "", markdown_table(*mode_table(summary)), ""]
     for variant, mode in summary.get("modes", {}).items():
         for trace in mode.get("example_traces", []):
@@ -292,6 +307,9 @@ def render_html(summary: dict[str, Any], pngs: list[Path], title: str, out: Path
         + "</div>"
     )
     parts += ["<h2>Comparison</h2>", _html_table(*main_table(summary)), f"<p>{esc(MEANS_NOTE)}</p>"]
+    derived = derived_lines(summary)
+    if derived:
+        parts += [f"<p>{esc(DERIVED_TITLE)}:</p><ul>", *[f"<li>{esc(line)}</li>" for line in derived], "</ul>"]
     parts += ["<h2>Reasoning modes</h2>", _html_table(*mode_table(summary))]
     for variant, mode in summary.get("modes", {}).items():
         parts += [f"<pre>{esc(variant)} trace: {esc(printable(t))}</pre>" for t in mode.get("example_traces", [])]

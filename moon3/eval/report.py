@@ -2,14 +2,17 @@
 
 Files written under ``out_dir``::
 
-    metrics.json                      numbers only (DVC metrics, KFP, MLflow): variant -> kind -> task -> metric,
+    metrics.json                      numbers (DVC metrics, KFP, MLflow): variant -> kind -> task -> metric,
                                       the ``chance`` and ``majority`` rows, ``deltas`` (variant -> kind/task ->
-                                      metric -> delta, lo, hi) and ``below_references`` (a count)
+                                      metric -> delta, lo, hi) and ``below_references`` (a count); beside them,
+                                      ``skipped`` (variant -> kind/task -> reason) and ``derived`` (kind/task ->
+                                      how its queries were made) when there are any. Never NaN: a metric with
+                                      nothing to measure is absent and listed in ``skipped``
     results.json                      everything else too: skipped tasks with reasons, modes and traces,
                                       provenance, curves, confusion matrix, delta rows, examples (no thumbnails)
     plots/recall_at_k/<task>.csv      DVC plot data: column ``k``, one Recall@K column per variant, ``chance``
     plots/recall_at_k_<task>.png      Recall@K curves, one line per variant
-    plots/confusion_level_1_<v>.png   level-1 category confusion matrix of variant ``v``
+    plots/confusion_level_<n>_<v>.png category confusion matrix of variant ``v`` (first level with 2+ names)
     report.html                       one self-contained file (PNGs and thumbnails inlined), browsers and KFP UI
     report.md                         the same tables, PNGs linked
 
@@ -70,14 +73,16 @@ def metric_block(tasks: list[TaskResult], main_k: int) -> dict[str, Any]:
 def summarize(
     results: dict[str, list[TaskResult]], main_k: int, reference_rows: dict[str, list[TaskResult]] | None = None
 ) -> dict[str, Any]:
-    """Collect the task results into ``{"metrics", "skipped", "details", "main_k", "reference_rows"}``.
+    """Collect the task results into ``{"metrics", "skipped", "details", "notes", "main_k", "reference_rows"}``.
 
     ``details`` keeps curves, gallery sizes, labels and the confusion matrix; the per-item arrays stay out
-    (they feed :mod:`moon3.eval.compare`, not the files).
+    (they feed :mod:`moon3.eval.compare`, not the files). ``notes`` is ``kind/task`` -> how the task's queries
+    were made, for the tasks measured on derived queries (the same data for every variant).
     """
     metrics: dict[str, Any] = {}
     skipped: dict[str, dict[str, str]] = {}
     details: dict[str, dict[str, Any]] = {}
+    notes: dict[str, str] = {}
     for variant, tasks in results.items():
         metrics[variant] = metric_block(tasks, main_k)
         for task in tasks:
@@ -86,8 +91,11 @@ def summarize(
             kept = {k: v for k, v in task.details.items() if k != "per_item"}
             if kept:
                 details.setdefault(variant, {})[task.key] = kept
+            if task.details.get("note"):
+                notes.setdefault(task.key, task.details["note"])
     rows = {name: metric_block(tasks, main_k) for name, tasks in (reference_rows or {}).items()}
-    return {"metrics": metrics, "skipped": skipped, "details": details, "main_k": main_k, "reference_rows": rows}
+    return {"metrics": metrics, "skipped": skipped, "details": details, "notes": notes, "main_k": main_k,
+            "reference_rows": rows}  # fmt: skip
 
 
 def flatten_metrics(metrics: dict[str, Any], sep: str = "/") -> dict[str, float]:
@@ -105,8 +113,38 @@ def flatten_metrics(metrics: dict[str, Any], sep: str = "/") -> dict[str, float]
     return flat
 
 
+def finite_only(node: Any, path: str = "", dropped: list[str] | None = None, as_null: bool = False) -> Any:
+    """``node`` without its NaN / infinite numbers: dict entries and list items left out (``as_null``: replaced by
+    None); their ``a/b/c`` paths are appended to ``dropped``."""
+    dropped = [] if dropped is None else dropped
+    bad = lambda v: isinstance(v, float) and not math.isfinite(v)  # noqa: E731
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            where = f"{path}/{key}" if path else str(key)
+            if bad(value):
+                dropped.append(where)
+                if as_null:
+                    out[key] = None
+            else:
+                out[key] = finite_only(value, where, dropped, as_null)
+        return out
+    if isinstance(node, list | tuple):
+        out_list = []
+        for i, value in enumerate(node):
+            if bad(value):
+                dropped.append(f"{path}/{i}")
+                if as_null:
+                    out_list.append(None)
+            else:
+                out_list.append(finite_only(value, f"{path}/{i}", dropped, as_null))
+        return out_list
+    return node
+
+
 def metrics_json(summary: dict[str, Any]) -> dict[str, Any]:
-    """The numbers-only document of ``metrics.json`` (see the module docstring)."""
+    """The document of ``metrics.json`` (see the module docstring): numbers, plus ``skipped`` and ``derived``
+    when there are any; a number that is not finite is left out and listed in ``skipped["not_finite"]``."""
     out: dict[str, Any] = {}
     for variant, block in summary["metrics"].items():
         stats = summary.get("modes", {}).get(variant, {}).get("trace_stats")
@@ -115,6 +153,15 @@ def metrics_json(summary: dict[str, Any]) -> dict[str, Any]:
     out["deltas"] = deltas_as_metrics(summary.get("deltas", []))
     if summary.get("below_references") is not None:
         out["below_references"] = len(summary["below_references"]["entries"])
+    dropped: list[str] = []
+    out = finite_only(out, dropped=dropped)
+    skipped = {variant: dict(tasks) for variant, tasks in summary.get("skipped", {}).items() if tasks}
+    if dropped:
+        skipped["not_finite"] = {path: "not a finite number: left out" for path in dropped}
+    if skipped:
+        out["skipped"] = skipped
+    if summary.get("notes"):
+        out["derived"] = dict(summary["notes"])
     return out
 
 
@@ -169,8 +216,9 @@ def write_report(
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
     metrics = metrics_json(summary) if metrics is None else metrics
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / "results.json").write_text(json.dumps(_without_thumbnails(summary), indent=2, default=str) + "\n")
+    (out / "metrics.json").write_text(json.dumps(finite_only(metrics), indent=2, allow_nan=False) + "\n")
+    results = json.loads(json.dumps(_without_thumbnails(summary), default=str))  # plain JSON types, then finite
+    (out / "results.json").write_text(json.dumps(finite_only(results, as_null=True), indent=2, allow_nan=False) + "\n")
     csvs = write_plot_data(summary, plot_dir)
     pngs = plot_recall_curves(summary, plot_dir) + plot_confusion(summary, plot_dir)
     (out / "report.md").write_text(render_markdown(summary, pngs, out, title))

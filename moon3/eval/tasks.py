@@ -17,10 +17,14 @@ Tasks, all on the eval split:
 
 - ``retrieval``: ``text_to_mm`` / ``image_to_mm`` / ``mm_to_mm`` (queries of that type against the gallery; the
   positive is ``positive_product_id``) and ``text_to_image`` / ``image_to_text`` (a product's text view against
-  the image views of all eval products that have both, and the reverse; the positive is the same product).
+  the image views of all eval products that have both, and the reverse; the positive is the same product). A
+  catalog without text (or image) queries has them derived from its multimodal queries' text (or image) view;
+  such a task says so in ``details["note"]`` ("derived from multimodal queries ..."). A catalog without any
+  query (products only) has only the intra-product tasks; the others are skipped with the reason.
 - ``classification`` / ``classification_image``: gallery view / image view against the category names of each
-  level (every name used at that level in the catalog), argmax wins; level 1 keeps its confusion matrix. A
-  level with a single name in the catalog is skipped: there is nothing to tell apart.
+  level (every name used at that level in the catalog), argmax wins; the first level with more than one name
+  (level 1 on most catalogs) keeps its confusion matrix. A level with a single name in the catalog is skipped:
+  there is nothing to tell apart.
 - ``attributes`` / ``attributes_image``: image + title view / image view against ``attribute_text(type,
   value)`` for every value of that type in the catalog; products without that attribute sit it out.
 
@@ -37,10 +41,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from moon3.common.progress import Progress
 from moon3.eval.config import EvalConfig
-from moon3.eval.data import QUERY_TASKS, EvalData
+from moon3.eval.data import DERIVED_VIEWS, QUERY_TASKS, EvalData
 from moon3.eval.metrics import prediction_metrics, recall_curve, retrieval_metrics, zero_shot_predict
 from moon3.eval.search import positive_ranks
 from moon3.model.items import attribute_text, product_item, product_text, query_item
@@ -83,9 +87,10 @@ class TaskResult:
         name: e.g. ``text_to_mm``, ``level_1``, ``color``.
         metrics: numbers (``recall_at_K``, ``mrr``, ``accuracy``, ``macro_f1``, ``n``); ``None`` when skipped.
         skipped: why there is nothing to measure; ``None`` when it ran.
-        details: plot data (``curve``: {K: recall}, ``gallery_size``), ``labels`` and the level-1 ``confusion``,
-            and ``per_item`` (numpy arrays, in memory only): ``rank`` and ``top`` rows per query for retrieval,
-            ``correct`` and ``row`` (product row) per item for classification.
+        details: plot data (``curve``: {K: recall}, ``gallery_size``), ``labels`` and the ``confusion`` of the first
+            scored level, ``note`` (how the task's queries were made, when derived), and ``per_item`` (numpy
+            arrays, in memory only): ``rank`` and ``top`` rows per query for retrieval, ``correct`` and ``row``
+            (product row) per item for classification.
     """
 
     kind: str
@@ -140,7 +145,7 @@ def embed_rows(
     records = frame.to_dict("records")
     parts = []
     starts = range(0, len(records), chunk)
-    for start in tqdm(starts, desc=f"embed {what}", disable=not progress):
+    for start in Progress(starts, desc=f"embed {what}", unit="chunk", disable=not progress):
         items = [to_item(row) for row in records[start : start + chunk]]
         parts.append(check_embeddings(embed_fn(items), len(items), what))
     return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
@@ -253,12 +258,15 @@ def run_tasks(
         if (reason := blind_spot(embed_fn, SIDES[task])) is not None:
             results.append(TaskResult(RETRIEVAL, task, None, skipped=reason))
         elif data.queries[qtype].empty:
-            results.append(TaskResult(RETRIEVAL, task, None, skipped=f"no eval queries of type {qtype!r}"))
+            results.append(TaskResult(RETRIEVAL, task, None, skipped=_no_queries(qtype)))
         else:
             what = f"{variant} {qtype} queries"
             to_item = lambda r: query_item(r, data.root)  # noqa: E731
             q = embed_rows(embed_fn, data.queries[qtype], to_item, cfg.embed_chunk, what, progress)
-            results.append(_retrieval(task, q, views.get("gallery"), data.positives[qtype], cfg))
+            result = _retrieval(task, q, views.get("gallery"), data.positives[qtype], cfg)
+            if qtype in data.derived:
+                result.details["note"] = data.derived[qtype]
+            results.append(result)
 
     # Intra-product: the text view against the image view, for the products that have both.
     both = np.intersect1d(views.image_rows, views.text_rows)
@@ -272,13 +280,22 @@ def run_tasks(
             g = _rows_of(views, gallery_view, both)
             results.append(_retrieval(task, q, g, np.arange(len(both), dtype=np.int64), cfg))
 
+    confusion = next((f"level_{level}" for level, names in data.categories.items() if len(names) > 1), None)
     for kind, view in ((CLASSIFICATION, "gallery"), (CLASSIFICATION_IMAGE, "image")):
         for level in data.categories:
-            results.append(_classify(data, views, kind, view, f"level_{level}", cfg))
+            name = f"level_{level}"
+            results.append(_classify(data, views, kind, view, name, cfg, kind == CLASSIFICATION and name == confusion))
     for kind, view in ((ATTRIBUTES, "image_title"), (ATTRIBUTES_IMAGE, "image")):
         for key in data.attributes:
             results.append(_classify(data, views, kind, view, key, cfg))
     return results
+
+
+def _no_queries(qtype: str) -> str:
+    """Why a query-based retrieval task has nothing to measure."""
+    if qtype in DERIVED_VIEWS:
+        return f"no eval queries of type {qtype!r}, and no multimodal query to derive them from"
+    return f"no eval queries of type {qtype!r}"
 
 
 def _rows_of(views: ProductViews, view: str, rows: np.ndarray) -> np.ndarray:
@@ -342,7 +359,9 @@ def classification_task(data: EvalData, kind: str, name: str, cfg: EvalConfig) -
     return ClassificationTask(rows, y_true, labels, prompts)
 
 
-def _classify(data: EvalData, views: ProductViews, kind: str, view: str, name: str, cfg: EvalConfig) -> TaskResult:
+def _classify(
+    data: EvalData, views: ProductViews, kind: str, view: str, name: str, cfg: EvalConfig, confusion: bool = False
+) -> TaskResult:
     task = classification_task(data, kind, name, cfg)
     if task.skipped is not None:
         return TaskResult(kind, name, None, skipped=task.skipped)
@@ -351,9 +370,8 @@ def _classify(data: EvalData, views: ProductViews, kind: str, view: str, name: s
     what = f"level-{name.rsplit('_', 1)[1]} category names" if kind.startswith(CLASSIFICATION) else f"{name!r} labels"
     class_emb = views.texts(task.prompts, what)
     items = _rows_of(views, view, task.rows)
-    level_1 = kind == CLASSIFICATION and name == "level_1"
     y_pred = zero_shot_predict(items, class_emb)  # once: the metrics and the per-item outcomes share it
-    out = prediction_metrics(task.y_true, y_pred, len(class_emb), with_confusion=level_1) if len(y_pred) else None
+    out = prediction_metrics(task.y_true, y_pred, len(class_emb), with_confusion=confusion) if len(y_pred) else None
     details: dict[str, Any] = {"labels": task.labels}
     if out is not None and "confusion" in out:
         details["confusion"] = out.pop("confusion")

@@ -184,4 +184,7 @@ def _same_weights(a: str, b: str) -> bool:
     if is_gcs(a) or is_gcs(b):
         return False
     files = [HEADS_FILE, f"{BACKBONE_DIR}/model.safetensors"]
-    return all((Path(a) / f).exists() and (Path(a) / f).read_bytes() == (Path(b) / f).read_bytes() for f in files)
+    return all(
+        (Path(a) / f).is_file() and (Path(b) / f).is_file() and (Path(a) / f).read_bytes() == (Path(b) / f).read_bytes()
+        for f in files
+    )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from moon3.model.config import ModelConfig
 
 TINY_DIR = Path(__file__).parent / "tiny"
 TINY_ARCHS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# Bytes + special tokens + learned merges; the character tokens of a non-Latin catalog come on top.
 TINY_VOCAB_SIZE = 1024
 CACHE_ENV = "MOON3_CACHE"
 
@@ -63,37 +65,123 @@ def processor_class(model_type: str) -> type:
     return type(f"Moon3{base.__name__}", (base,), {"__init__": __init__, "__call__": __call__})
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE):
+# Learned merges are kept only for pairs seen at least this often: a small catalog gets a small vocabulary rather
+# than one token per word it saw once.
+MIN_MERGE_FREQUENCY = 2
+# At most this many non-ASCII characters get their own token (the most frequent first); rarer ones fall back to
+# byte tokens, which still round-trip exactly. 8000 covers the characters of everyday Chinese several times.
+MAX_CHAR_TOKENS = 8000
+# The pre-tokenizer split of ``pre_tokenizers.ByteLevel(use_regex=True)`` (GPT-2's pattern), on raw characters.
+_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Scripts written without spaces: each character is its own word for the learned merges (see train_tokenizer).
+_UNSPACED_CHAR = r"[\p{Han}\p{Hiragana}\p{Katakana}]"
+
+
+def _byte_symbols() -> dict[int, str]:
+    """Byte -> the printable character the byte-level BPE stands it for (GPT-2's table, as ``tokenizers`` uses)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = (b for b in range(256) if b not in table)
+    for n, b in enumerate(extra):
+        table[b] = chr(256 + n)
+    return table
+
+
+def _char_tokens(corpus: list[str], limit: int) -> list[str]:
+    """The corpus's non-ASCII characters that get a token: most frequent first, at most ``limit``."""
+    counts = Counter(c for text in corpus for c in text if ord(c) > 127)
+    return [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE, max_char_tokens: int = MAX_CHAR_TOKENS):
     """A byte-level BPE tokenizer trained on ``texts`` plus the prompt, with the Qwen and moon3 special tokens.
 
-    Byte-level, so any text (accents, emoji) round-trips exactly even if it never appeared in training.
+    Byte-level, so any text (accents, emoji, any script) round-trips exactly even if it never appeared in
+    training. The corpus is ``texts`` and the contract's prompt only (:func:`moon3.model.items.catalog_texts`
+    builds it from a catalog); nothing else is assumed about the catalog's language.
+
+    Two kinds of merges, in this order of priority:
+
+    1. *character merges*: every non-ASCII character of the corpus (up to ``max_char_tokens``, the most frequent
+       first) is assembled from its UTF-8 bytes into one token before anything else applies, so a character the
+       catalog contains is never split into byte fragments, however rare it is (a Chinese title's characters,
+       every category name);
+    2. *learned merges*: BPE trained on whole characters (not bytes), pairs seen at least
+       :data:`MIN_MERGE_FREQUENCY` times, up to ``vocab_size`` tokens counting the 256 bytes and the special
+       tokens; multi-character tokens (words, subwords) come from here. Han and kana characters are not merged
+       with each other: a script without spaces would otherwise turn whole title fragments seen a few times
+       into single tokens that an unseen title never reuses, so for them the character is the unit.
+
+    Args:
+        texts: the corpus.
+        vocab_size: bytes + special tokens + learned merges; the character tokens come on top (a Latin-script
+            catalog has almost none).
+        max_char_tokens: most non-ASCII characters given their own token.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from moon3.data.mini import attribute_values, category_names
+    # The prompt often enough that its words are merged: the template then costs few tokens.
+    corpus = [*[C.SYSTEM_PROMPT, C.INSTRUCTION] * MIN_MERGE_FREQUENCY, *(t for t in texts if t)]
+    special = [*C.QWEN_SPECIAL_TOKENS, *C.MOON3_TOKENS]
+    to_symbol = _byte_symbols()
+    byte_level = lambda text: "".join(to_symbol[b] for b in text.encode("utf-8"))  # noqa: E731
 
-    # The prompt and the mbe3-mini vocabulary are always in the corpus so that the template costs few tokens.
-    corpus = [C.SYSTEM_PROMPT, C.INSTRUCTION]
-    corpus += [name for names in category_names().values() for name in names]
-    corpus += [f"{k}: {v}" for k, values in attribute_values().items() for v in values]
-    corpus += [t for t in texts if t]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    vocab: dict[str, int] = {}
+    for token in [*special, *sorted(to_symbol.values())]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    seen: set[tuple[str, str]] = set()
+
+    def merge(left: str, right: str) -> None:
+        if (left, right) not in seen:
+            seen.add((left, right))
+            merges.append((left, right))
+            vocab.setdefault(left + right, len(vocab))
+
+    # 1. Character merges, left to right over each character's bytes. Their pairs never straddle two characters
+    # (a UTF-8 lead byte never continues a character), so they assemble every listed character first.
+    chars = _char_tokens(corpus, max_char_tokens)
+    for char in chars:
+        symbols = [to_symbol[b] for b in char.encode("utf-8")]
+        for i in range(1, len(symbols)):
+            merge("".join(symbols[:i]), symbols[i])
+
+    # 2. BPE over characters with the byte-level pre-tokenizer's word split; its merges map to byte-level symbols.
+    budget = max(0, vocab_size - len(special) - len(to_symbol))
+    alphabet = sorted({c for text in corpus for c in text if ord(c) <= 127} | set(chars))
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_UNSPACED_CHAR), behavior="isolated"),
+            pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="isolated"),
+        ]
+    )
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[*C.QWEN_SPECIAL_TOKENS, *C.MOON3_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=len(alphabet) + budget,
+        min_frequency=MIN_MERGE_FREQUENCY,
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus, trainer=trainer)
+    learner.train_from_iterator(corpus, trainer=trainer)
+    known = set(alphabet)
+    for pair in json.loads(learner.to_str())["model"]["merges"]:
+        left, right = pair if isinstance(pair, list) else pair.split(" ", 1)
+        if set(left + right) <= known:  # a character left out of the alphabet stays bytes: no merge across it
+            merge(byte_level(left), byte_level(right))
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(special)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=C.IM_END,
         pad_token=C.PAD_TOKEN,
         padding_side="left",
         chat_template=C.CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
     )
 
 
@@ -156,7 +244,8 @@ def build_tiny_backbone(cfg: ModelConfig, texts: Iterable[str], out_dir: str | P
 
     Args:
         cfg: model config (``tiny_arch``, ``image_size``, ``seed``).
-        texts: catalog texts (titles, attributes, query texts) for the tokenizer.
+        texts: the tokenizer's corpus (:func:`moon3.model.items.catalog_texts`: titles, attributes, category
+            names and paths, query texts, traces).
         out_dir: where the HF model folder is written.
 
     Returns:

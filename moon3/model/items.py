@@ -120,20 +120,38 @@ def check_items(items: list[Item]) -> None:
 
 
 def catalog_texts(root: str | Path, traces_dir: str | Path | None = None) -> list[str]:
-    """Training-split product texts and query texts of a dataset folder, and the synthesized traces in
-    ``traces_dir`` if given: the tiny tokenizer's corpus.
+    """The tiny tokenizer's corpus, from the catalog in ``root`` alone (no vocabulary of any other dataset).
 
-    Only the train split (traces are only written for it), so the tokenizer of a model evaluated on this
-    dataset never saw evaluation text.
+    - train-split products: title + attribute lines (:func:`product_text`, what the model reads), and the
+      category path as a trace writes it (``category: level1 > level2 > ...``);
+    - train-split query texts;
+    - the catalog's label texts, all splits: every category name (the zero-shot class prompt, one per level
+      name) and every ``type: value`` attribute line (the zero-shot attribute prompt), once each;
+    - the synthesized traces in ``traces_dir``, if given.
+
+    Product and query texts come from the train split only (traces are only written for it), so the tokenizer of
+    a model evaluated on this dataset never saw an evaluation item's text; the label texts are the catalog's
+    taxonomy, which the zero-shot tasks embed anyway.
     """
     from moon3.data.schema import PRODUCTS, QUERIES, TRACES, read_table, table_path
+    from moon3.synthesis.attributes import category_text  # the trace's category line; imports this module
 
     texts: list[str] = []
     products = table_path(root, PRODUCTS)
     if products.exists():
         df = read_table(products, PRODUCTS)
-        df = df[df["split"] != "eval"]
-        texts += [t for t in (product_text(r) for r in df.to_dict("records")) if t]
+        train = df[df["split"] != "eval"]
+        texts += [t for t in (product_text(r) for r in train.to_dict("records")) if t]
+        texts += [category_text(list(p)) for p in train["category_path"] if p is not None and len(p)]
+        names = {str(n): None for p in df["category_path"] if p is not None for n in p if _present(n)}
+        lines = {
+            attribute_text(k, v): None
+            for attrs in df["attributes"]
+            if isinstance(attrs, Mapping)
+            for k, v in sorted(attrs.items())
+            if _present(v)
+        }
+        texts += [*names, *lines]
     queries = table_path(root, QUERIES)
     if queries.exists():
         df = read_table(queries, QUERIES)

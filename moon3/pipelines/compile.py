@@ -108,4 +108,3 @@ def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict):
         return [k for key in a for k in _changed_keys(a[key], b[key], f"{prefix}.{key}" if prefix else key)]
     return [prefix] if a != b else []
-

@@ -116,6 +116,88 @@ def load_checkpoint(
     return json.loads((path / "state.json").read_text())
 
 
+# Keys whose change does not alter what a resumed run computes (where it writes, how often it logs or saves).
+RESUME_NEUTRAL_KEYS = frozenset(
+    {"out_dir", "report_dir", "mlflow_experiment", "num_workers", "torch_threads", "log_every", "save_every",
+     "heldout_queries"}
+)  # fmt: skip
+
+
+def resume_settings(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The settings a checkpoint records and a resume must match: ``{"section.key": value}`` minus
+    :data:`RESUME_NEUTRAL_KEYS`."""
+    return {
+        f"{name}.{key}": value
+        for name, section in sections.items()
+        for key, value in section.items()
+        if key not in RESUME_NEUTRAL_KEYS
+    }
+
+
+def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (saved, current)}`` for every setting that differs (a key only one side has counts too)."""
+    keys = sorted(set(saved) | set(current))
+    return {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
+
+
+class ResumeError(ValueError):
+    """A resume that would silently train something other than what the checkpoint started."""
+
+
+def resume_from_latest(
+    root: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    settings: dict[str, Any],
+    allow_config_change: bool = False,
+    rank: int = 0,
+    engine: Any = None,
+) -> tuple[Path | None, dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """Restore the newest checkpoint that loads, falling back to older complete ones with a warning.
+
+    Args:
+        root: the run's output folder (``<root>/checkpoints``).
+        model, optimizer, scheduler, rank, engine: as :func:`load_checkpoint`.
+        settings: this run's :func:`resume_settings`; compared with the ones the checkpoint recorded.
+        allow_config_change: resume even if they differ (the caller logs the returned changes).
+
+    Returns:
+        ``(checkpoint or None, its state, changes)``.
+
+    Raises:
+        ResumeError: the settings changed and ``allow_config_change`` is false; the message lists the keys.
+    """
+    folder = Path(root) / "checkpoints"
+    candidates = sorted(
+        ((int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()),
+        reverse=True,
+    ) if folder.exists() else []  # fmt: skip
+    for _, path in candidates:
+        try:
+            recorded = json.loads((path / "state.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"warning: {path} is unreadable ({type(err).__name__}); trying an older checkpoint")
+            continue
+        changes = settings_changes(recorded.get("settings", settings), settings)
+        if changes and not allow_config_change:
+            detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in changes.items()))
+            raise ResumeError(
+                f"{path}: resuming with changed training settings ({detail}); start a new run (another out_dir), "
+                "or pass --allow-config-change to resume anyway (the change is logged)"
+            )
+        try:
+            state = load_checkpoint(path, model, optimizer, scheduler, rank=rank, engine=engine)
+        except Exception as err:  # noqa: BLE001 - any unreadable part of a checkpoint means: try the previous one
+            print(f"warning: {path} does not load ({type(err).__name__}: {str(err)[:200]}); trying an older one")
+            continue
+        return path, state, changes
+    if candidates:
+        # Weights may be half-overwritten by a failed load: starting fresh from them would be silently wrong.
+        raise ResumeError(f"{folder}: none of the {len(candidates)} checkpoints loads; remove them to start afresh")
+    return None, {}, {}
+
+
 def prune_checkpoints(root: str | Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints."""
     folder = Path(root) / "checkpoints"

@@ -63,7 +63,9 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "Log metrics every N steps."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
     deepspeed_config: str = field(default="", metadata={"help": "Path of a DeepSpeed JSON config ('' = off)."})
-    mlflow_experiment: str = field(default="moon3", metadata={"help": "MLflow experiment name."})
+    mlflow_experiment: str = field(
+        default="moon3", metadata={"help": "MLflow experiment name ('' = no MLflow run; dvclive still logs)."}
+    )
     ablation: str = field(
         default="",
         metadata={

@@ -17,6 +17,7 @@ model, self-contained) and ``checkpoints/``; in ``train.report_dir``: ``train_me
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -28,12 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from moon3.common.progress import Progress
 from moon3.config import Moon3Config
-from moon3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moon3.train.checkpoint import resume_from_latest, resume_settings, save_checkpoint
 from moon3.train.data import HardNegativeSampler, PairBatch, PairData
-from moon3.train.heldout import heldout_text_recall
+from moon3.train.heldout import heldout_text_recall, record_heldout
 from moon3.train.loss import LearnableTemperature, contrastive_loss, gather_no_grad, gather_with_grad
 
 
@@ -122,7 +123,8 @@ class BatchBuilder:
         queries = self.data.queries.iloc[batch.query_rows]
         products = self.data.products.iloc[batch.product_rows]
         items = [self._query_item(row, self.data.root) for _, row in queries.iterrows()]
-        items += [self._product_item(row, self.data.root) for _, row in products.iterrows()]
+        view = self.data.product_view  # the image alone for the intra-product pairs of a products-only catalog
+        items += [self._product_item(row, self.data.root, **view) for _, row in products.iterrows()]
         traces = None
         if self.data.traces or self.data.query_traces:
             traces = [self.data.query_traces.get(qid) for qid in queries["query_id"]]
@@ -179,7 +181,7 @@ def build_or_load_init(cfg: Moon3Config, data_dir: str | Path, out_dir: Path, di
         model.save_pretrained(init_dir, training=_training_record(cfg, data_dir, "init", 0, traces=False))
     if dist.world_size > 1:
         torch.distributed.barrier()
-    return Moon3Embedder.from_pretrained(init_dir)
+    return Moon3Embedder.from_pretrained(init_dir, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def train_contrastive(
@@ -190,6 +192,7 @@ def train_contrastive(
     resume: bool = False,
     progress: bool = True,
     max_steps: int | None = None,
+    allow_config_change: bool = False,
 ) -> dict[str, Any]:
     """Run contrastive pretraining; see the module docstring for what is written where.
 
@@ -199,9 +202,12 @@ def train_contrastive(
         out_dir: defaults to ``cfg.train.out_dir``.
         report_dir: defaults to ``cfg.train.report_dir``.
         resume: continue from the latest complete checkpoint in ``out_dir`` (fresh start if none).
-        progress: show a progress bar on rank 0.
+        progress: show progress on rank 0: a bar on a terminal, plain lines with rate and ETA elsewhere
+            (:class:`moon3.common.progress.Progress`).
         max_steps: stop after this many steps of *this* invocation (tests use it to interrupt a run);
             the schedule still spans ``cfg.train.steps``.
+        allow_config_change: resume even though the model/train settings differ from the checkpoint's (each
+            change is printed and logged to MLflow as a ``resumed_with_changes`` tag); otherwise that is an error.
 
     Returns:
         Summary metrics (final loss, temperature, pairs/s, steps).
@@ -219,6 +225,8 @@ def train_contrastive(
     if tc.gradient_checkpointing:
         embedder.backbone.gradient_checkpointing_enable()
     data = PairData(data_dir, "train", tc.traces_dir or None)
+    if data.notice and dist.is_main:
+        print(data.notice, flush=True)
     # Trace SFT only when traces exist and the model is to reason; otherwise the model is trained (and saved)
     # as a direct embedder.
     use_traces = bool(data.traces or data.query_traces) and cfg.model.reasoning and tc.lambda_sft > 0
@@ -248,16 +256,23 @@ def train_contrastive(
         runner = nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
 
     start_step, run_id = 0, None
-    latest = latest_checkpoint(out) if resume else None
+    settings = resume_settings({"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(tc)})
+    latest, changes = None, {}
+    if resume:
+        latest, state, changes = resume_from_latest(out, model, optimizer, scheduler, settings, allow_config_change,
+                                                    rank=dist.rank, engine=engine)  # fmt: skip
     if latest is not None:
-        state = load_checkpoint(latest, model, optimizer, scheduler, rank=dist.rank, engine=engine)
         start_step, run_id = state["step"], state.get("mlflow_run_id")
         if dist.is_main:
             print(f"resuming from {latest} (step {start_step})")
+            for key, (before, after) in changes.items():
+                print(f"resuming with a changed setting (--allow-config-change): {key}: {before!r} -> {after!r}")
 
     from moon3.train.tracking import Tracker
 
     tracker = Tracker(dist.is_main, tc.mlflow_experiment, "pretrain", reports / "dvclive", cfg.to_dict(), run_id)
+    if changes:
+        tracker.set_tag("resumed_with_changes", "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     sampler = HardNegativeSampler(
         data, tc.batch_size, tc.hard_negatives_per_query, tc.seed, dist.world_size, tc.hard_negative_mode
     )
@@ -272,10 +287,13 @@ def train_contrastive(
     )
     # DeepSpeed casts the model itself when its config enables bf16.
     autocast = _autocast(tc.precision if engine is None else "fp32", dist.device)
+    heldout_init = None
     if start_step == 0 and dist.is_main and tc.heldout_queries > 0:
-        recall_init = heldout_text_recall(embedder, data_dir, max_queries=tc.heldout_queries)
-        tracker.log_metrics({"heldout_text_recall_at_10": recall_init}, 0)
-    bar = tqdm(total=end_step - start_step, desc="pretrain", disable=not (progress and dist.is_main))
+        heldout_init = heldout_text_recall(embedder, data_dir, max_queries=tc.heldout_queries)
+        if heldout_init.value is not None:
+            tracker.log_metrics({"heldout_text_recall_at_10": heldout_init.value}, 0)
+    # A bar on a terminal, a plain line every $MOON3_PROGRESS_INTERVAL s elsewhere (dvc repro in CI, a log file).
+    bar = Progress(total=end_step - start_step, desc="pretrain", unit="step", disable=not (progress and dist.is_main))
     model.train()
     pairs_done, t0, last = 0, time.perf_counter(), {}
     batches = iter(loader)
@@ -311,10 +329,11 @@ def train_contrastive(
             last.update(module_gates(embedder))
             if dist.is_main and ((step + 1) % tc.log_every == 0 or step == start_step):
                 tracker.log_metrics(last, step + 1)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", tau=f"{last['temperature']:.3f}", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", tau=f"{last['temperature']:.3f}")
             if (step + 1) % tc.save_every == 0 or step + 1 == tc.steps:
-                save_checkpoint(out, step + 1, model, optimizer, scheduler, {"mlflow_run_id": tracker.run_id},
+                save_checkpoint(out, step + 1, model, optimizer, scheduler,
+                                {"mlflow_run_id": tracker.run_id, "settings": settings},
                                 dist.rank, dist.world_size, engine=engine)  # fmt: skip
     except BaseException:
         tracker.close("FAILED")
@@ -322,25 +341,27 @@ def train_contrastive(
     finally:
         bar.close()
     elapsed = time.perf_counter() - t0
-    summary = {
+    # No NaN in a metrics file: a value this invocation did not measure is left out and listed under "skipped".
+    summary: dict[str, Any] = {
         "steps": end_step,
-        "final_loss": last.get("loss", float("nan")),
-        "final_infonce": last.get("infonce", float("nan")),
-        "final_temperature": last.get("temperature", float("nan")),
+        **{f"final_{k}": last[k] for k in ("loss", "infonce", "temperature") if k in last},
         "temperature_init": tc.temperature_init,
         **{f"final_{k}": v for k, v in module_gates(embedder).items() if k.endswith("_mean")},
         "trained_with_traces": use_traces,
         "pairs_per_second": pairs_done / max(elapsed, 1e-9),
         "world_size": dist.world_size,
     }
+    if not last:
+        unmeasured = ("loss", "infonce", "temperature")
+        summary["skipped"] = {f"final_{k}": "no step ran in this invocation" for k in unmeasured}
     if end_step == tc.steps and dist.is_main:
         if tc.heldout_queries > 0:
-            summary["heldout_text_recall_at_10"] = heldout_text_recall(
-                embedder, data_dir, max_queries=tc.heldout_queries
-            )
-            tracker.log_metrics({"heldout_text_recall_at_10": summary["heldout_text_recall_at_10"]}, end_step)
-            if start_step == 0:
-                summary["heldout_text_recall_at_10_init"] = recall_init
+            heldout = heldout_text_recall(embedder, data_dir, max_queries=tc.heldout_queries)
+            record_heldout(summary, "heldout_text_recall_at_10", heldout)
+            if heldout.value is not None:
+                tracker.log_metrics({"heldout_text_recall_at_10": heldout.value}, end_step)
+            if heldout_init is not None:
+                record_heldout(summary, "heldout_text_recall_at_10_init", heldout_init)
         final = out / "final"
         if cfg.model.reasoning and not use_traces:
             print("no reasoning traces were trained (none in the data): the model is saved with reasoning off")

@@ -11,6 +11,12 @@ logo, material or brand), so a batch cannot be separated by shortcuts alone. The
 catalog's own attribute keys, so it works on any catalog. A category-name query (``query_type: category``)
 is answered by every product under that category: its hard negatives come from sibling categories, and
 :meth:`PairData.relevant` tells the loss which in-batch products must not count as its negatives.
+
+A products-only catalog (no query in the split) trains on intra-product pairs, as CLIP-style pretraining does:
+each product with both a text and an image yields one derived pair, its title + attributes (the query side, a
+text item) against its own image (the product side, shown as the image alone: :attr:`PairData.product_view`).
+The symmetric loss then aligns text with image in both directions; hard negatives are images of the same leaf
+category. :attr:`PairData.notice` says so, for the training loop to print.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from moon3.data.schema import TRACES, read_dataset, read_table, table_path
+from moon3.data.schema import QUERIES, SCHEMAS, TRACES, read_dataset, read_table, table_path
+from moon3.model.items import product_text
 
 
 @dataclass
@@ -34,10 +42,31 @@ class PairBatch:
 
 
 HARD_NEGATIVE_MODES = ("same_category", "attribute_matched", "mixed")
+INTRA_PRODUCT_VIEW = {"title": False, "attributes": False}  # the product side of a derived pair: its image alone
+INTRA_PRODUCT_SUFFIX = "#text-view"  # derived query id = product id + this
+
+
+def intra_product_pairs(products: pd.DataFrame) -> pd.DataFrame:
+    """Derived ``queries`` rows of a products-only catalog: per product with a text and an image, its title +
+    attributes as a text query whose positive is the product itself (see the module docstring)."""
+    rows = []
+    for row in products.to_dict("records"):
+        text, image = product_text(row), row.get("image")
+        if text and isinstance(image, str) and image.strip():
+            rows.append({"query_id": f"{row['product_id']}{INTRA_PRODUCT_SUFFIX}", "query_text": text,
+                         "query_image": None, "positive_product_id": row["product_id"], "split": row.get("split"),
+                         "query_type": "text"})  # fmt: skip
+    return pd.DataFrame(rows, columns=SCHEMAS[QUERIES].names)
 
 
 class PairData:
-    """Training queries with their positives, products indexed by category, and optional traces."""
+    """Training queries with their positives, products indexed by category, and optional traces.
+
+    Attributes:
+        product_view: keyword arguments of :func:`moon3.model.items.product_item` for the product side of a pair
+            (empty: the whole product; :data:`INTRA_PRODUCT_VIEW` for the derived pairs of a products-only split).
+        notice: a line for the training log when the pairs are derived (products-only split), else None.
+    """
 
     def __init__(self, root: str | Path, split: str = "train", traces_dir: str | Path | None = None):
         self.root = Path(root)
@@ -45,6 +74,15 @@ class PairData:
         products, queries = read_dataset(self.root)
         self.products = products[products["split"] == split].reset_index(drop=True)
         queries = queries[queries["split"] == split]
+        self.product_view: dict[str, bool] = {}
+        self.notice: str | None = None
+        if queries.empty and not self.products.empty:
+            queries = intra_product_pairs(self.products)
+            self.product_view = dict(INTRA_PRODUCT_VIEW)
+            self.notice = (
+                f"notice: no {split} queries in {root}: training on {len(queries)} intra-product pairs (each product's "
+                "title + attributes against its own image, CLIP-style) instead of query-product pairs"
+            )
         position = {pid: i for i, pid in enumerate(self.products["product_id"])}
         known = queries["positive_product_id"].isin(position)
         if not known.all():

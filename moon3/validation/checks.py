@@ -7,6 +7,15 @@ gate quarantines exactly the rows GX reports as unexpected (the gate cross-check
 
 Levels: ``row`` rules quarantine the offending rows; ``table`` rules (schema, uniqueness, leakage, the reject
 fraction) fail the gate; ``info`` rules are only reported.
+
+Attribute keys come from the data, not from a list in the code: :func:`learn_attribute_vocabulary` collects the
+keys, and per key the values, of the training split, and eval products are checked against it. A key or value
+never seen in training is *flagged* (``unseen_attribute_key`` / ``unseen_attribute_value``, level ``info``), not
+quarantined: the product is still a valid retrieval target (the model reads attributes as text, so a new key is
+just new words), quarantining it would silently shrink and bias the eval gallery and drop its queries, and on a
+long-tail catalog it would trip the reject fraction. ``validation.allowed_attribute_keys`` is an optional
+override: when set, any other key quarantines the row in every split (``unknown_attribute_key``), as a contract
+with an upstream catalog would. Rules about attributes name the offending keys and values in their examples.
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ class Check:
         description: one line for reports.
         expectation: ``(gx.expectations module) -> Expectation``; called only once GX is imported.
         bad: ``(check frame) -> bool array`` of offending rows; ``None`` for aggregate rules.
+        detail: a check-frame column holding, per offending row, what offends (attribute keys, ``key=value``);
+            the failure's example values and message come from it rather than from the counted column.
+        detail_name: what ``detail`` lists, for messages (``keys``, ``values``).
     """
 
     name: str
@@ -55,6 +67,8 @@ class Check:
     description: str
     expectation: Callable[[Any], Any]
     bad: Callable[[pd.DataFrame], np.ndarray] | None = None
+    detail: str = ""
+    detail_name: str = ""
 
 
 # --- reading and schema ---------------------------------------------------------------------------------------
@@ -138,8 +152,20 @@ def _image_columns(arr: pa.Array, images: dict[str | None, ImageCheck], states: 
 # --- products ---------------------------------------------------------------------------------------------
 
 
-def product_frame(products: pa.Table, images: dict[str | None, ImageCheck], cfg: ValidationConfig) -> pd.DataFrame:
-    """The products check frame (one row per product, same order)."""
+def product_frame(
+    products: pa.Table,
+    images: dict[str | None, ImageCheck],
+    cfg: ValidationConfig,
+    vocabulary: AttributeVocabulary | None = None,
+) -> pd.DataFrame:
+    """The products check frame (one row per product, same order).
+
+    Args:
+        products: the products table (schema order, see :func:`read_checked`).
+        images: per-path image results.
+        cfg: the gate's settings.
+        vocabulary: what eval products' attributes are checked against (default: learned from ``products``).
+    """
     n = products.num_rows
     ids = _column(products, "product_id")
     title = _column(products, "title")
@@ -149,14 +175,7 @@ def product_frame(products: pa.Table, images: dict[str | None, ImageCheck], cfg:
     levels = pc.list_flatten(path)
     empty_level = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(levels)), 0)
 
-    attrs = _column(products, "attributes").cast(_KV)  # map kernels are missing in Arrow; list<struct> has them
-    pairs = pc.list_flatten(attrs)
-    attr_parents = pc.list_parent_indices(attrs)
-    unknown_key = pc.invert(
-        pc.is_in(pc.struct_field(pairs, 0), value_set=pa.array(cfg.allowed_attribute_keys, type=pa.string()))
-    )
-    empty_value = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.struct_field(pairs, 1))), 0)
-
+    attributes = _attribute_checks(products, vocabulary or learn_attribute_vocabulary(products, cfg), cfg)
     frame = pd.DataFrame(
         {
             "product_id": _strings(ids),
@@ -165,14 +184,153 @@ def product_frame(products: pa.Table, images: dict[str | None, ImageCheck], cfg:
             "image_status": image_status,
             "category_depth": pc.list_value_length(path).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64),
             "n_empty_category_levels": _per_row(pc.list_parent_indices(path), empty_level, n),
-            "n_unknown_attribute_keys": _per_row(attr_parents, unknown_key, n),
-            "n_empty_attribute_values": _per_row(attr_parents, empty_value, n),
+            **attributes,
             "price": _column(products, "price").to_numpy(zero_copy_only=False).astype(np.float64),
             "split": _labels(_column(products, "split")),
         }
     )
     frame["near_duplicate_of"] = _near_duplicates(title, digest_code, frame["product_id"].to_numpy())
     return frame
+
+
+# --- attribute vocabulary -------------------------------------------------------------------------------------
+
+KV_SEP = "\x1f"  # joins key and value into one string for set lookups (a control character no catalog text uses)
+
+
+@dataclass
+class AttributeVocabulary:
+    """The attribute keys, and per key the values, that the training split carries (Arrow-backed: a catalog with
+    millions of distinct values stays vectorised).
+
+    Attributes:
+        counts: columns ``key``, ``value``, ``products`` (training products with that pair), one row per distinct
+            pair, most frequent first.
+        train_products: products in the training split (the rows the vocabulary was learned from).
+        allowed: ``validation.allowed_attribute_keys`` when set (an override), else ``None`` (learned keys).
+    """
+
+    counts: pa.Table
+    train_products: int
+    allowed: list[str] | None = None
+
+    def per_key(self) -> pa.Table:
+        """Columns ``key``, ``products``, ``values`` (distinct values), most frequent key first."""
+        table = self.counts.group_by("key", use_threads=False).aggregate([("products", "sum"), ("value", "count")])
+        table = table.select(["key", "products_sum", "value_count"]).rename_columns(["key", "products", "values"])
+        return table.sort_by([("products", "descending"), ("key", "ascending")])
+
+    @property
+    def keys(self) -> list[str]:
+        """The known keys, most frequent first."""
+        return self.per_key().column("key").to_pylist()
+
+    def pairs(self) -> pa.Array:
+        """Every known ``key KV_SEP value`` string (for vectorised lookups)."""
+        joined = pc.binary_join_element_wise(self.counts.column("key"), self.counts.column("value"), KV_SEP)
+        return joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
+
+    def to_dict(self) -> dict[str, Any]:
+        """The full vocabulary, JSON-ready (``attribute_vocabulary.json``): per key its products and values."""
+        keys: dict[str, dict[str, Any]] = {}
+        for key, products in zip(*self.per_key().select(["key", "products"]).to_pydict().values(), strict=True):
+            keys[key] = {"products": products, "values": {}}
+        columns = self.counts.to_pydict()
+        for key, value, products in zip(columns["key"], columns["value"], columns["products"], strict=True):
+            keys[key]["values"][value] = products
+        return {
+            "learned_from": "train split",
+            "train_products": self.train_products,
+            "allowed_attribute_keys": self.allowed,
+            "keys": keys,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for ``validation_metrics.json``: keys, distinct values, distinct values per key."""
+        per_key = self.per_key().to_pydict()
+        return {
+            "learned_from": "train split",
+            "train_products": self.train_products,
+            "allowed_attribute_keys": self.allowed,
+            "keys": len(per_key["key"]),
+            "values": self.counts.num_rows,
+            "values_per_key": dict(zip(per_key["key"], per_key["values"], strict=True)),
+        }
+
+
+def learn_attribute_vocabulary(products: pa.Table, cfg: ValidationConfig) -> AttributeVocabulary:
+    """Keys and values of the training split's attributes (blank values left out; with an override, its keys only).
+
+    Every ``train`` row counts, also one that another rule quarantines: the vocabulary says which attribute words
+    training can have seen, and the attribute checks are reports, so the circularity would buy nothing.
+    """
+    attrs = _column(products, "attributes").cast(_KV)
+    pairs = pc.list_flatten(attrs)
+    is_train = pc.fill_null(pc.equal(_column(products, "split"), "train"), False)
+    keys, values = pc.struct_field(pairs, 0), pc.struct_field(pairs, 1)
+    keep = pc.and_(pc.take(is_train, pc.list_parent_indices(attrs)), pc.greater(_trimmed_length(values), 0))
+    if cfg.allowed_attribute_keys:
+        keep = pc.and_(keep, pc.is_in(keys, value_set=pa.array(cfg.allowed_attribute_keys, type=pa.string())))
+    seen = pa.table({"key": keys.filter(keep), "value": values.filter(keep)})
+    # One thread: a deterministic row order, so attribute_vocabulary.json (a DVC output) is byte-stable.
+    grouped = seen.group_by(["key", "value"], use_threads=False).aggregate([([], "count_all")])
+    grouped = grouped.select(["key", "value", "count_all"]).rename_columns(["key", "value", "products"])
+    # Numeric sort only (stable: ties keep first-seen order); sorting millions of tied strings costs seconds.
+    counts = grouped.sort_by([("products", "descending")])
+    return AttributeVocabulary(
+        counts=counts.combine_chunks(),
+        train_products=int(pc.sum(is_train.cast(pa.int64())).as_py() or 0),
+        allowed=list(cfg.allowed_attribute_keys) or None,
+    )
+
+
+def _trimmed_length(arr: pa.Array) -> pa.Array:
+    return pc.fill_null(pc.utf8_length(pc.utf8_trim_whitespace(arr)), 0)
+
+
+def _attribute_checks(products: pa.Table, vocabulary: AttributeVocabulary, cfg: ValidationConfig) -> dict[str, Any]:
+    """Per-row counts of the attribute rules, and per offending row what offends (``detail`` columns)."""
+    n = products.num_rows
+    attrs = _column(products, "attributes").cast(_KV)  # map kernels are missing in Arrow; list<struct> has them
+    pairs = pc.list_flatten(attrs)
+    parents = pc.list_parent_indices(attrs)
+    keys, values = pc.struct_field(pairs, 0), pc.struct_field(pairs, 1)
+    blank = pc.equal(_trimmed_length(values), 0)
+    if cfg.allowed_attribute_keys:
+        unknown = pc.invert(pc.is_in(keys, value_set=pa.array(cfg.allowed_attribute_keys, type=pa.string())))
+    else:
+        unknown = pa.array(np.zeros(len(pairs), dtype=bool))
+    is_eval = pc.take(pc.fill_null(pc.equal(_column(products, "split"), "eval"), False), parents)
+    known_key = pc.is_in(keys, value_set=pa.array(vocabulary.keys, type=pa.string()))
+    unseen_key = pc.and_(is_eval, pc.and_(pc.invert(unknown), pc.invert(known_key)))
+    joined = pc.binary_join_element_wise(keys, pc.fill_null(values, ""), KV_SEP)
+    known_pair = pc.is_in(joined, value_set=vocabulary.pairs())
+    unseen_value = pc.and_(pc.and_(is_eval, known_key), pc.and_(pc.invert(known_pair), pc.invert(blank)))
+    shown_pairs = pc.binary_join_element_wise(keys, pc.fill_null(values, ""), "=")
+    return {
+        "n_unknown_attribute_keys": _per_row(parents, unknown, n),
+        "unknown_attribute_keys": _details(parents, keys, unknown, n),
+        "n_empty_attribute_values": _per_row(parents, blank, n),
+        "empty_attribute_value_keys": _details(parents, keys, blank, n),
+        "n_unseen_attribute_keys": _per_row(parents, unseen_key, n),
+        "unseen_attribute_keys": _details(parents, keys, unseen_key, n),
+        "n_unseen_attribute_values": _per_row(parents, unseen_value, n),
+        "unseen_attribute_values": _details(parents, shown_pairs, unseen_value, n),
+    }
+
+
+def _details(parents: pa.Array, labels: pa.Array, flags: pa.Array, n: int) -> np.ndarray:
+    """Per row, the tuple of ``labels`` of its flagged list elements (None where none is flagged)."""
+    out = np.full(n, None, dtype=object)
+    mask = flags.fill_null(True).to_numpy(zero_copy_only=False)
+    if not mask.any():
+        return out
+    rows = parents.to_numpy(zero_copy_only=False)[mask]
+    texts = _strings(labels.filter(pa.array(mask)))
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # parent indices are non-decreasing
+    for row, group in zip(rows[starts], np.split(texts, starts[1:]), strict=True):
+        out[row] = tuple(group)
+    return out
 
 
 def _near_duplicates(title: pa.Array, digest_code: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -222,13 +380,7 @@ def product_checks(cfg: ValidationConfig) -> list[Check]:
         Check("empty_category_level", ROW, "n_empty_category_levels", "a category level is null or blank",
               lambda E: E.ExpectColumnValuesToBeBetween(column="n_empty_category_levels", max_value=0),
               lambda f: f["n_empty_category_levels"].to_numpy() > 0),
-        Check("unknown_attribute_key", ROW, "n_unknown_attribute_keys",
-              f"attribute keys are in {cfg.allowed_attribute_keys}",
-              lambda E: E.ExpectColumnValuesToBeBetween(column="n_unknown_attribute_keys", max_value=0),
-              lambda f: f["n_unknown_attribute_keys"].to_numpy() > 0),
-        Check("empty_attribute_value", ROW, "n_empty_attribute_values", "an attribute value is null or blank",
-              lambda E: E.ExpectColumnValuesToBeBetween(column="n_empty_attribute_values", max_value=0),
-              lambda f: f["n_empty_attribute_values"].to_numpy() > 0),
+        *_attribute_rules(cfg),
         Check("bad_price", ROW, "price", f"price is in (0, {cfg.max_price:g}] where present",
               lambda E: E.ExpectColumnValuesToBeBetween(
                   column="price", min_value=0, strict_min=True, max_value=cfg.max_price),
@@ -245,6 +397,30 @@ def product_checks(cfg: ValidationConfig) -> list[Check]:
               lambda f: (f["product_id"].duplicated(keep=False) & f["product_id"].notna()).to_numpy()),
         *_table_checks(cfg),
     ]  # fmt: skip
+
+
+def _attribute_rules(cfg: ValidationConfig) -> list[Check]:
+    """``unknown_attribute_key`` only with the override; the vocabulary rules (eval vs training) always."""
+    rules = [
+        Check("empty_attribute_value", ROW, "n_empty_attribute_values", "an attribute value is null or blank",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="n_empty_attribute_values", max_value=0),
+              lambda f: f["n_empty_attribute_values"].to_numpy() > 0, "empty_attribute_value_keys", "keys"),
+        Check("unseen_attribute_key", INFO, "n_unseen_attribute_keys",
+              "eval products carry only attribute keys seen in the training split (flagged, not quarantined)",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="n_unseen_attribute_keys", max_value=0),
+              lambda f: f["n_unseen_attribute_keys"].to_numpy() > 0, "unseen_attribute_keys", "keys"),
+        Check("unseen_attribute_value", INFO, "n_unseen_attribute_values",
+              "eval products' attribute values occur under the same key in the training split (flagged only)",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="n_unseen_attribute_values", max_value=0),
+              lambda f: f["n_unseen_attribute_values"].to_numpy() > 0, "unseen_attribute_values", "values"),
+    ]  # fmt: skip
+    if cfg.allowed_attribute_keys:
+        rules.insert(0, Check(
+            "unknown_attribute_key", ROW, "n_unknown_attribute_keys",
+            f"attribute keys are in validation.allowed_attribute_keys {cfg.allowed_attribute_keys}",
+            lambda E: E.ExpectColumnValuesToBeBetween(column="n_unknown_attribute_keys", max_value=0),
+            lambda f: f["n_unknown_attribute_keys"].to_numpy() > 0, "unknown_attribute_keys", "keys"))  # fmt: skip
+    return rules
 
 
 def _bad_price(price: np.ndarray, max_price: float) -> np.ndarray:

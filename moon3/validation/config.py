@@ -5,9 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-# The attribute types of mbe3-mini (moon3.data.mini.ATTRIBUTE_TYPES); importers of other catalogs set their own.
-DEFAULT_ATTRIBUTE_KEYS = ["color", "pattern", "size", "logo", "material", "brand"]
-
 
 @dataclass
 class ValidationConfig:
@@ -25,8 +22,12 @@ class ValidationConfig:
         metadata={"help": "Read, hash and decode every distinct image; false: only check that the file exists."},
     )
     allowed_attribute_keys: list[str] = field(
-        default_factory=lambda: list(DEFAULT_ATTRIBUTE_KEYS),
-        metadata={"help": "Attribute types a product may carry; any other key quarantines the row."},
+        default_factory=list,
+        metadata={
+            "help": "[] (default) = learn the attribute vocabulary (keys, and values per key) from the training "
+            "split; eval products with a key or value never seen in training are flagged, not quarantined. A list "
+            "is an override: the only keys a product may carry; any other key quarantines the row, in every split."
+        },
     )
     max_category_depth: int = field(default=5, metadata={"help": "Category paths must have 1..N levels."})
     max_price: float = field(

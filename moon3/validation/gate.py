@@ -4,12 +4,22 @@ Flow: read ``products``/``queries`` with Arrow and check the schema (a missing c
 gate with a message naming the file and the column) -> check each distinct image once -> compute the check
 frames (:mod:`moon3.validation.checks`) -> run the GX suites on them (:mod:`moon3.validation.suites`) ->
 quarantine rows that break row-level rules -> fail the gate on any table-level rule (uniqueness, split leakage,
-empty table, reject fraction above ``max_reject_fraction``).
+empty table, reject fraction above ``max_reject_fraction``). An empty ``queries`` table (a products-only catalog)
+is reported as a warning instead (:data:`EMPTY_QUERIES_RULES`).
 
 Outputs:
     ``quarantine_dir/<table>.parquet``: rejected rows with a ``reasons`` column (list of rule names); always.
     ``out_dir/<table>.parquet``: accepted rows, same schema as the input; only when the gate passes.
+    ``out_dir/attribute_vocabulary.json``: the attribute keys and values of the training split (see below).
     ``report_dir/gx_results.json``, ``validation_report.html``, ``validation_metrics.json``; always.
+
+Attribute vocabulary: learned from the data, not configured (:func:`.checks.learn_attribute_vocabulary`): the
+training split's keys, and per key its values, with product counts. Eval products are checked against it: a
+key or value never seen in training is flagged (``unseen_attribute_key`` / ``unseen_attribute_value``, reported
+with the offending keys and values, never quarantined; :mod:`moon3.validation.checks` says why). The vocabulary's
+counts and the unseen eval keys go into ``validation_metrics.json`` (``attribute_vocabulary``).
+``validation.allowed_attribute_keys``, when set, restricts the keys in every split (``unknown_attribute_key``
+quarantines the row).
 
 Images are not copied. Relative image paths in the written tables are rebased so they still resolve:
 by default relative to the folder the table is written to (``../prepared/images/...``), which works for DVC
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +60,9 @@ from moon3.validation.checks import (
     ROW,
     TABLE,
     TRACE_RULES,
+    AttributeVocabulary,
     Check,
+    learn_attribute_vocabulary,
     product_checks,
     product_frame,
     query_checks,
@@ -66,6 +79,14 @@ ID_COLUMN = {PRODUCTS: "product_id", QUERIES: "query_id", TRACES: "product_id"}
 IMAGE_COLUMN = {PRODUCTS: "image", QUERIES: "query_image"}
 TEXT_COLUMN = {PRODUCTS: "title", QUERIES: "query_text", TRACES: "query_id"}  # beside the id in quarantine examples
 GX_RESULTS, HTML_REPORT, METRICS = "gx_results.json", "validation_report.html", "validation_metrics.json"
+VOCABULARY = "attribute_vocabulary.json"  # in out_dir, beside the accepted tables
+DETAILS_IN_MESSAGE = 10  # distinct offending keys/values a message names (with their row counts)
+# An empty queries table is a products-only catalog, not a failure: these rules become warnings for it.
+EMPTY_QUERIES_RULES = ("empty_table", "reject_fraction")
+EMPTY_QUERIES_NOTE = (
+    "no queries: a products-only catalog. Training uses intra-product pairs (title + attributes vs image); "
+    "evaluation skips the query-based retrieval tasks"
+)
 
 
 @dataclass
@@ -153,7 +174,8 @@ def validate(
     run.metrics["images"] = _image_metrics(images)
 
     t = time.perf_counter()
-    frames = {PRODUCTS: product_frame(arrow[PRODUCTS], images, cfg)}
+    run.vocabulary = learn_attribute_vocabulary(arrow[PRODUCTS], cfg)
+    frames = {PRODUCTS: product_frame(arrow[PRODUCTS], images, cfg, run.vocabulary)}
     checks = {PRODUCTS: product_checks(cfg), QUERIES: query_checks(cfg)}
     masks = {PRODUCTS: run.masks(PRODUCTS, frames[PRODUCTS], checks[PRODUCTS])}
     frames[QUERIES] = query_frame(arrow[QUERIES], arrow[PRODUCTS], run.quarantined[PRODUCTS], images)
@@ -171,6 +193,7 @@ def validate(
         run.collect(table, frames[table], checks[table], masks[table], [r for res in results for r in res.results])
     run.timings["great_expectations"] = time.perf_counter() - t
     run.metrics[QUERIES]["split_leakage"] = _leakage(frames[QUERIES])
+    run.metrics["attribute_vocabulary"] = _vocabulary_metrics(run.vocabulary, frames[PRODUCTS])
 
     t = time.perf_counter()
     run.write(arrow, frames)
@@ -191,6 +214,7 @@ class _Run:
         self.timings: dict[str, float] = {}
         self.paths: dict[str, Path] = {}
         self.examples: dict[str, list[dict[str, Any]]] = {}
+        self.vocabulary: AttributeVocabulary | None = None
 
     def clear_stale(self) -> None:
         """Refuse to write over the input; remove tables a previous run left in out_dir and quarantine_dir."""
@@ -204,6 +228,7 @@ class _Run:
         for folder in (self.out, self.quarantine):
             for table in (*TABLES, TRACES):
                 table_path(folder, table).unlink(missing_ok=True)
+        (self.out / VOCABULARY).unlink(missing_ok=True)
 
     def read(self) -> dict[str, pa.Table] | None:
         """The input tables (``traces`` only when the dataset has one), or None after a schema error."""
@@ -302,10 +327,19 @@ class _Run:
             if check.name == "reject_fraction":
                 positions = np.flatnonzero(self.quarantined[table])[:k].tolist()
             count = int(gx_count if gx_count is not None else self.metrics[table]["rows_quarantined"])
-            self.failures.append(Failure(table, check.name, r.expectation_config.type, check.column, check.level,
+            level, message = check.level, _message(check, count, res, self.metrics[table])
+            values = list(res.get("partial_unexpected_list", []))[:k]
+            if check.detail and mask is not None:  # name what offends (keys, key=value), not the counted column
+                positions = np.flatnonzero(mask)[:k].tolist()
+                details = frame[check.detail].to_numpy()
+                values = [", ".join(details[pos] or ()) for pos in positions]
+                message += f"; {check.detail_name}: {_top_details(details[mask])}"
+            if table == QUERIES and check.name in EMPTY_QUERIES_RULES and not self.metrics[table]["rows_in"]:
+                level = INFO  # a products-only catalog: a warning row in the report, not a failure
+                message = EMPTY_QUERIES_NOTE if check.name == "empty_table" else message
+            self.failures.append(Failure(table, check.name, r.expectation_config.type, check.column, level,
                                          count, _ids(ids, positions or [])[:k],
-                                         list(res.get("partial_unexpected_list", []))[:k],
-                                         _message(check, count, res, self.metrics[table])))  # fmt: skip
+                                         values, message))  # fmt: skip
 
     def write(self, arrow: dict[str, pa.Table], frames: dict[str, pd.DataFrame]) -> None:
         passed = not any(f.blocking for f in self.failures)
@@ -323,6 +357,8 @@ class _Run:
             self.examples[table] = _examples(rejected, table)
         if not passed:
             return
+        if self.vocabulary is not None:
+            self.paths["attribute_vocabulary"] = write_json(self.out / VOCABULARY, self.vocabulary.to_dict())
         for table in tables:
             accepted = arrow[table].filter(pa.array(~self.quarantined[table]))
             if table in IMAGE_COLUMN:
@@ -391,6 +427,25 @@ def _message(check: Check, count: int, res: dict[str, Any], metrics: dict[str, A
         return "the table has no rows"
     verb = {ROW: "quarantined", INFO: "flagged", TABLE: "break the rule"}[check.level]
     return f"{check.description}: {count} row{'' if count == 1 else 's'} {verb}"
+
+
+def _top_details(rows: np.ndarray, limit: int = DETAILS_IN_MESSAGE) -> str:
+    """``a (3 rows), b (1 row)``: the distinct offending items of the flagged rows, most frequent first."""
+    counts = Counter(item for items in rows if items for item in set(items))
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{item} ({n} row{'' if n == 1 else 's'})" for item, n in top[:limit])
+    return text + (f" and {len(top) - limit} more" if len(top) > limit else "")
+
+
+def _vocabulary_metrics(vocabulary: AttributeVocabulary, products: pd.DataFrame) -> dict[str, Any]:
+    """The vocabulary's counts plus what of the eval split it does not cover (keys by rows)."""
+    unseen_keys = Counter(k for keys in products["unseen_attribute_keys"] if keys for k in set(keys))
+    return {
+        **vocabulary.summary(),
+        "eval_products_with_unseen_keys": int((products["n_unseen_attribute_keys"] > 0).sum()),
+        "eval_products_with_unseen_values": int((products["n_unseen_attribute_values"] > 0).sum()),
+        "eval_unseen_keys": dict(sorted(unseen_keys.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }
 
 
 def _examples(rejected: pa.Table, table: str, k: int = 10) -> list[dict[str, Any]]:

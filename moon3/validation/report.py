@@ -40,7 +40,7 @@ def html_table(header: list[str], rows: list[list[Any]], raw: Iterable[int] = fr
 
 def short(value: Any, limit: int = 160) -> str:
     """``value`` as text (JSON unless a string), cut to ``limit`` characters with ``...``."""
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -79,6 +79,7 @@ def render_html(
                            f"{m.get('reject_fraction', 0):.3%}"])  # fmt: skip
     if counts:
         parts.append("<h2>Rows</h2>" + html_table(["table", "in", "accepted", "quarantined", "fraction"], counts))
+    parts.extend(_vocabulary_section(metrics.get("attribute_vocabulary")))
     parts.append("<h2>Failed rules</h2>")
     if failures:
         rows = []
@@ -111,10 +112,34 @@ def render_html(
     return page("moon3 data validation", parts)
 
 
+def _vocabulary_section(vocabulary: dict[str, Any] | None, max_keys: int = 50) -> list[str]:
+    """The attribute vocabulary the gate learned: keys with their distinct values, and what eval adds."""
+    if not vocabulary:
+        return []
+    allowed = vocabulary.get("allowed_attribute_keys")
+    origin = f"override allowed_attribute_keys {esc(allowed)}, values from" if allowed else "learned from"
+    v = vocabulary.get
+    text = (
+        f"<p>{origin} the training split ({v('train_products', 0)} products): {v('keys', 0)} keys, "
+        f"{v('values', 0)} distinct values. Eval products with a key never seen in training: "
+        f"{v('eval_products_with_unseen_keys', 0)}; with an unseen value: {v('eval_products_with_unseen_values', 0)} "
+        "(flagged, not quarantined).</p>"
+    )
+    per_key = list(vocabulary.get("values_per_key", {}).items())
+    rows = [[key, n] for key, n in per_key[:max_keys]]
+    if len(per_key) > max_keys:
+        rows.append([f"... {len(per_key) - max_keys} more keys", ""])
+    unseen = vocabulary.get("eval_unseen_keys") or {}
+    parts = ["<h2>Attribute vocabulary</h2>", text, html_table(["key", "distinct values"], rows)]
+    if unseen:
+        parts.append(html_table(["eval-only key", "eval products"], [[k, n] for k, n in unseen.items()]))
+    return parts
+
+
 def write_json(path: Path, payload: Any) -> Path:
-    """Write indented JSON (numpy scalars and paths as plain values)."""
+    """Write indented UTF-8 JSON (numpy scalars and paths as plain values; any script stays readable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=_plain) + "\n")
+    path.write_text(json.dumps(payload, indent=2, default=_plain, ensure_ascii=False) + "\n", encoding="utf-8")
     return path
 
 
