@@ -164,6 +164,8 @@ def test_rl_skips_a_model_never_trained_with_traces(mini_dataset, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "out" / "reports" / "rl_metrics.json").read_text())
     assert metrics["skipped"] is True and "never trained to write traces" in metrics["reason"]
+    # The DVC stage declares reports/rl/dvclive: it exists, holding only the skip.
+    assert [p.name for p in (tmp_path / "out" / "reports" / "dvclive").iterdir()] == ["skipped.json"]
     assert (tmp_path / "out" / "final" / "moon3_heads.safetensors").read_bytes() == (
         start / "moon3_heads.safetensors"
     ).read_bytes()

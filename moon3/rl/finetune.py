@@ -5,7 +5,8 @@ Reads ``rl.init_dir`` (the pretrained model) and a validated dataset's ``train``
     <out_dir>/final/                the RL model (self-contained, ``training.stage: rl``)
     <out_dir>/checkpoints/          TRL checkpoints; ``moon3_complete`` marks one whose files are all written
     <report_dir>/rl_metrics.json    reward per step, first vs last 10 % of steps, KL, closure, timing
-    <report_dir>/dvclive/           the same curves for ``dvc plots``, also logged to MLflow
+    <report_dir>/dvclive/           the same curves for ``dvc plots``, also logged to MLflow (a skipped run: only
+                                    ``skipped.json``, so that the DVC output exists)
 
 A model that was never taught to write traces (``trained_with_traces: false``) has no trace policy to improve:
 the stage copies it to ``final/`` unchanged and says so (``rl_metrics.json: skipped``), as it does with
@@ -134,6 +135,12 @@ def _skip(init: Path, out: Path, reports: Path, why: str, start_record: dict) ->
     shutil.copytree(init, final)
     summary = {"skipped": True, "reason": why, "steps": 0, "init_dir": str(init), "init_training": start_record}
     (reports / "rl_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    # dvclive/ is a declared output of the DVC stage: it must exist, and hold no curves of an earlier run.
+    curves = reports / "dvclive"
+    if curves.exists():
+        shutil.rmtree(curves)
+    curves.mkdir()
+    (curves / "skipped.json").write_text(json.dumps({"skipped": True, "reason": why}, indent=2) + "\n")
     print(f"rl skipped: {why}; {final} is a copy of {init}")
     return summary
 
