@@ -17,7 +17,35 @@ from rich.table import Table
 from moon3.common.cli import ParamsOpt, SetOpt, config_or_exit, console, out, print_json
 from moon3.config import Moon3Config, help_table
 
-app = typer.Typer(help="moon3: reasoning-aware multimodal product embeddings.", no_args_is_help=True)
+
+class Moon3App(typer.Typer):
+    """The ``moon3`` command: every error ends as one readable line and a non-zero exit.
+
+    An unexpected exception prints ``moon3: error: <type>: <message>`` (URIs redacted) and exits 1; ``--debug``
+    anywhere on the command line (or ``MOON3_DEBUG=1``) shows the full traceback instead.
+    """
+
+    def __call__(self, *args, **kwargs):
+        debug = "--debug" in sys.argv or os.environ.get("MOON3_DEBUG") == "1"
+        if "--debug" in sys.argv:
+            sys.argv.remove("--debug")
+        if debug:
+            return super().__call__(*args, **kwargs)
+        try:
+            return super().__call__(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("moon3: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        except Exception as err:  # noqa: BLE001 - the last resort: one line instead of a traceback
+            from moon3.common.redact import redact_text
+
+            message = redact_text(" ".join(str(err).split()))[:1000]
+            print(f"moon3: error: {type(err).__name__}: {message} (--debug shows the traceback)", file=sys.stderr)
+            raise SystemExit(1) from None
+
+
+app = Moon3App(help="moon3: reasoning-aware multimodal product embeddings.", no_args_is_help=True,
+               pretty_exceptions_enable=False)  # fmt: skip
 data_app = typer.Typer(help="Make, import and inspect datasets.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -476,19 +504,23 @@ def summary_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None
         typer.echo("not produced yet: " + ", ".join(missing))
 
 
-if __name__ == "__main__":
-    app()
-
-
 # --- stages that own their commands (moon3/<stage>/cli.py) -------------------------------------------------
 def _register_stage_commands() -> None:
     from moon3.data.cli import register as register_data
+    from moon3.model.cli import register as register_model
     from moon3.rl.cli import register as register_rl
+    from moon3.serve.cli import register as register_serve
     from moon3.synthesis.cli import register as register_synthesis
 
     register_data(data_app)
     register_synthesis(app)
     register_rl(train_app)
+    register_model(app)
+    register_serve(app)
 
 
 _register_stage_commands()
+
+
+if __name__ == "__main__":  # `python -m moon3.cli` (torchrun, accelerate): after every command is registered
+    app()

@@ -25,6 +25,7 @@ from moon3.eval.config import EvalConfig
 from moon3.model.config import ModelConfig
 from moon3.pipelines.config import PipelineConfig
 from moon3.rl.grpo_config import RLConfig
+from moon3.serve.config import SERVE_RANGES, ServeConfig
 from moon3.synthesis.config import SynthesisConfig
 from moon3.train.config import TrainConfig
 from moon3.validation.config import ValidationConfig
@@ -49,6 +50,7 @@ class Moon3Config:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Contrastive pretraining."})
     rl: RLConfig = field(default_factory=RLConfig, metadata={"help": "RL fine-tuning with GRPO."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "MBE3.0-style evaluation."})
+    serve: ServeConfig = field(default_factory=ServeConfig, metadata={"help": "KServe serving and deployment."})
     pipeline: PipelineConfig = field(default_factory=PipelineConfig, metadata={"help": "Kubeflow pipeline."})
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,6 +159,10 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
             "pipeline.trainjob_timeout_s",
             "validation.max_category_depth",
             "validation.image_workers",
+            "validation.max_image_bytes",
+            "validation.max_image_pixels",
+            "validation.max_title_chars",
+            "validation.max_query_chars",
             "eval.ks",
             "eval.curve_ks",
         ],
@@ -173,6 +179,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
             "rl.lr_heads",
             "rl.infonce_temperature",
             "validation.max_price",
+            "validation.remote_timeout_s",
         ],
         _POSITIVE,
     ),  # fmt: skip
@@ -191,6 +198,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     "rl.epsilon": (0.0, 1.0, True),
     "model.fire_vision_layer": (None, None, False),  # negative counts from the last vision block
 }
+RANGES.update(SERVE_RANGES)  # serve.* ranges live beside their keys (moon3/serve/config.py)
 
 
 def _check_range(value: Any, key: str) -> None:

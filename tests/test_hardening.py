@@ -232,3 +232,14 @@ def test_a_huge_title_is_cut_to_the_contract_and_counted(saved_model):
     assert int(batch["text_mask"][0].sum()) == limit and model.truncated_texts == 1
     embedding = model.embed([{"text": huge, "image": None}])
     assert embedding.shape == (1, model.contract.embed_dim) and model.truncated_texts == 2
+
+
+def test_an_unexpected_error_is_one_line_unless_debug(tmp_path):
+    """A failure no command handles itself (here: statistics of a folder that is not a dataset) ends as one line."""
+    args = [str(BIN / "moon3"), "data", "stats", str(tmp_path)]
+    plain = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().count("\n") == 0 and "moon3: error: SchemaError" in plain.stderr
+    assert "products.parquet: file not found" in plain.stderr
+    debug = subprocess.run([*args, "--debug"], capture_output=True, text=True, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -162,10 +162,13 @@ def test_deepspeed_zero2_two_cpu_ranks_save_and_resume(mini_dataset, init_model,
     assert first.returncode == 0, first.stderr[-4000:]
     ckpt = latest_checkpoint(out)
     assert ckpt.name == "step-000004" and (ckpt / "ds").is_dir() and (ckpt / "rng-rank1.pt").exists()
-    second = subprocess.run(launcher + _train_cmd(out, mini_dataset, ds + ["train.steps=6"], resume=True)[1:],
+    # Extending the run (steps 4 -> 6) changes a training setting: allowed explicitly, and printed.
+    extend = [*_train_cmd(out, mini_dataset, ds + ["train.steps=6"], resume=True)[1:], "--allow-config-change"]
+    second = subprocess.run(launcher + extend,
                             env=_env(tmp_path), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resuming from" in second.stdout and "(step 4)" in second.stdout
+    assert "train.steps: 4 -> 6" in second.stdout
     assert latest_checkpoint(out).name == "step-000006"
     assert (out / "final" / "moon3_config.json").exists()
 

@@ -185,12 +185,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE, max
     )
 
 
-def _image_processor(image_size: int, patch_size: int, merge_size: int, temporal_patch_size: int):
+def _image_processor(min_pixels: int, max_pixels: int, patch_size: int, merge_size: int, temporal_patch_size: int):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    pixels = image_size * image_size
     return Qwen2VLImageProcessorPil(
-        size={"shortest_edge": pixels, "longest_edge": pixels},
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
         patch_size=patch_size,
         merge_size=merge_size,
         temporal_patch_size=temporal_patch_size,
@@ -206,34 +205,101 @@ def make_tiny_backbone(cfg: ModelConfig, texts: Iterable[str]) -> tuple[PreTrain
     Returns:
         ``(model, processor)``, the model in eval mode.
     """
-    tokenizer = train_tokenizer(texts)
-    raw = json.loads(tiny_config_path(cfg.tiny_arch).read_text())
+    return make_backbone_from_config(tiny_config_path(cfg.tiny_arch), cfg, texts)
+
+
+def is_config_backbone(backbone: str) -> bool:
+    """Whether ``model.backbone`` names a config JSON (random weights) rather than a model folder."""
+    return str(backbone).endswith(".json")
+
+
+def read_backbone_config(path: str | Path) -> dict[str, Any]:
+    """The raw JSON of a backbone config (``moon3/model/tiny/*.json``, ``moon3/model/real/*.json`` or any HF
+    Qwen-VL ``config.json``, flat or with a ``text_config``)."""
+    return json.loads(Path(path).read_text())
+
+
+def backbone_config_of(cfg: ModelConfig) -> dict[str, Any] | Any:
+    """The config of the backbone ``cfg`` names, without building or loading weights (for presets, plans)."""
+    if cfg.backbone == "tiny":
+        return read_backbone_config(tiny_config_path(cfg.tiny_arch))
+    if is_config_backbone(cfg.backbone):
+        return read_backbone_config(cfg.backbone)
+    return read_backbone_config(resolve_model_dir(cfg.backbone) / "config.json")
+
+
+def hf_config(raw: dict[str, Any], **overrides: Any):
+    """An HF config object from a raw config dict (``model_type`` inside it); ``overrides`` go to the decoder's
+    settings (top level for flat configs, ``text_config`` for nested ones), except the token ids, which are
+    always top level."""
+    raw = json.loads(json.dumps(raw))  # a deep copy
     model_type = raw.pop("model_type")
+    for key in ("torch_dtype", "dtype", "transformers_version", "_name_or_path"):
+        raw.pop(key, None)
+    multimodal = [k for k in overrides if k.endswith("_token_id") and not k.startswith(("bos", "eos", "pad"))]
+    top = {k: overrides.pop(k) for k in multimodal}
+    if "text_config" in raw:
+        raw["text_config"].update(overrides)
+    else:
+        raw.update(overrides)
+    raw.update(top)
+    return AutoConfig.for_model(model_type, **raw)
+
+
+def make_backbone_from_config(
+    config_path: str | Path,
+    cfg: ModelConfig,
+    texts: Iterable[str],
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[PreTrainedModel, Any]:
+    """A random-init Qwen-VL-family model built from a config JSON, with a tokenizer trained on ``texts``.
+
+    The tiny backbones (``moon3/model/tiny/*.json``) and the real architectures (``moon3/model/real/*.json``,
+    e.g. Qwen2.5-VL-3B for ``moon3 model plan`` and ``bench/gpu.sh``) are both built here. The config's vocabulary
+    is kept when it is larger than the tokenizer (a real layout: rows past the tokenizer stay unused), else it is
+    the tokenizer's; the special-token ids are the tokenizer's.
+
+    Args:
+        config_path: the JSON.
+        cfg: the (preset-resolved) model config: ``seed``, and the image pixel bounds of the processor.
+        texts: the tokenizer's corpus.
+        device: where the weights are created (a GPU for a real size; default the CPU).
+        dtype: parameter dtype.
+
+    Returns:
+        ``(model, processor)``, the model in eval mode.
+    """
+    tokenizer = train_tokenizer(texts)
+    raw = read_backbone_config(config_path)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in C.QWEN_SPECIAL_TOKENS}
-    raw["text_config"].update(
-        vocab_size=len(tokenizer),
+    text = raw.get("text_config", raw)
+    vocab = max(len(tokenizer), int(text.get("vocab_size") or 0))
+    config = hf_config(
+        raw,
+        vocab_size=vocab,
         bos_token_id=ids[C.PAD_TOKEN],
         eos_token_id=ids[C.IM_END],
         pad_token_id=ids[C.PAD_TOKEN],
-    )
-    config = AutoConfig.for_model(
-        model_type,
         image_token_id=ids[C.IMAGE_PAD],
         video_token_id=ids[C.VIDEO_PAD],
         vision_start_token_id=ids[C.VISION_START],
         vision_end_token_id=ids[C.VISION_END],
-        **raw,
     )
-    with torch.random.fork_rng():
+    if "vision_token_id" in raw:
+        config.vision_token_id = ids["<|vision_pad|>"]
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
         torch.manual_seed(cfg.seed)
-        model = AutoModelForImageTextToText.from_config(config)
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = ids[C.IM_END]
     model.generation_config.pad_token_id = ids[C.PAD_TOKEN]
     vc = raw["vision_config"]
-    image_processor = _image_processor(
-        cfg.image_size, vc["patch_size"], vc["spatial_merge_size"], vc["temporal_patch_size"]
-    )
-    processor = processor_class(model_type)(
+    if cfg.image_max_pixels:
+        low, high = cfg.image_min_pixels, cfg.image_max_pixels
+    else:
+        low = high = cfg.image_size * cfg.image_size
+    image_processor = _image_processor(low, high, vc["patch_size"], vc["spatial_merge_size"], vc["temporal_patch_size"])
+    processor = processor_class(config.model_type)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=C.CHAT_TEMPLATE
     )
     return model.eval(), processor
@@ -309,15 +375,25 @@ def load_processor(path: str | Path, model_type: str | None = None) -> Any:
     return processor_class(model_type).from_pretrained(path)
 
 
-def load_backbone(path_or_gs_uri: str | Path, trust_remote_code: bool = False) -> tuple[PreTrainedModel, Any]:
+def load_backbone(
+    path_or_gs_uri: str | Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None
+) -> tuple[PreTrainedModel, Any]:
     """Load an HF image-text-to-text model and its processor from a folder or ``gs://`` prefix.
 
+    Args:
+        path_or_gs_uri: the folder.
+        trust_remote_code: the caller's consent to run code from the folder.
+        dtype: parameter dtype; None = the folder's own (transformers' ``dtype="auto"``: bf16 for a released
+            Qwen-VL checkpoint, fp32 for a tiny one). Training without DeepSpeed passes float32: the optimizer
+            then updates fp32 master weights and bf16 happens only inside autocast.
+
     Returns:
-        ``(model, processor)``; the model is in eval mode, float32 on CPU unless the folder says otherwise.
+        ``(model, processor)``; the model is in eval mode.
     """
     local = resolve_model_dir(path_or_gs_uri)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     with quiet_hf():
-        model = AutoModelForImageTextToText.from_pretrained(local, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(local, trust_remote_code=trust_remote_code, **kwargs)
     model.eval()
     try:
         processor = load_processor(local, model.config.model_type)
@@ -325,21 +401,38 @@ def load_backbone(path_or_gs_uri: str | Path, trust_remote_code: bool = False) -
         # A folder without a processor file still has a tokenizer; the image processor gets the defaults.
         tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code)
         vc = model.config.vision_config
-        image_processor = _image_processor(448, vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size)
+        pixels = 448 * 448  # the embedder passes its contract's bounds on every call anyway
+        image_processor = _image_processor(pixels, pixels, vc.patch_size, vc.spatial_merge_size, vc.temporal_patch_size)
         processor = processor_class(model.config.model_type)(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor
 
 
 def ensure_moon3_tokens(model: PreTrainedModel, tokenizer: Any) -> list[str]:
-    """Add ``<think>``, ``</think>``, ``<emb>`` to a real backbone's tokenizer if missing; resize embeddings.
+    """Add ``<think>``, ``</think>``, ``<emb>`` to a real backbone's tokenizer if missing, with sensible rows.
+
+    A released Qwen-VL checkpoint has more embedding rows than tokens (151,936 rows for 151,665 tokens on
+    Qwen2.5-VL), so the new tokens land on padded rows that were never trained; where the rows run out the matrix
+    is resized. Either way each new token's input row, and its output (LM head) row when the head is not tied,
+    is set to the mean of the rows of the tokens that existed before: a neutral start that the training moves.
 
     Returns:
         The tokens that were added (empty for tiny backbones, which have them built in).
     """
     vocab = tokenizer.get_vocab()
     missing = [t for t in C.MOON3_TOKENS if t not in vocab]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
+    if not missing:
+        return []
+    known = len(tokenizer)
+    tokenizer.add_tokens(missing, special_tokens=True)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    new_ids = torch.as_tensor(tokenizer.convert_tokens_to_ids(missing))
+    matrices = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not matrices[0]:
+        matrices.append(head.weight)
+    with torch.no_grad():
+        for weight in matrices:
+            mean = weight[:known].float().mean(dim=0)
+            weight[new_ids] = mean.to(weight.dtype)
     return missing

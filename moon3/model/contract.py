@@ -102,7 +102,12 @@ class EmbeddingContract:
     readout: str = READOUT
     embed_dim: int = 256
     normalisation: str = NORMALISATION
+    # Images: squashed to an image_size square when image_max_pixels is 0 (the tiny preset); else resized with the
+    # aspect ratio kept to between image_min_pixels and image_max_pixels (Qwen's smart_resize, sides rounded to
+    # the backbone's patch x merge), image_size then being the nominal side of a square image (see fit_image).
     image_size: int = 64
+    image_min_pixels: int = 0
+    image_max_pixels: int = 0
     dtype: str = "float32"
 
     @classmethod
@@ -113,7 +118,14 @@ class EmbeddingContract:
             reasoning=cfg.reasoning,
             embed_dim=cfg.embed_dim,
             image_size=cfg.image_size,
+            image_min_pixels=cfg.image_min_pixels,
+            image_max_pixels=cfg.image_max_pixels,
         )
+
+    @property
+    def keeps_aspect(self) -> bool:
+        """Whether images keep their aspect ratio (real preset) rather than being squashed to a square."""
+        return self.image_max_pixels > 0
 
     def with_training(self, trained_with_traces: bool, reasoning: bool = True) -> EmbeddingContract:
         """The contract a trained model is saved under: reasoning on by default only if asked for (``reasoning``,
@@ -161,6 +173,43 @@ def prompt_segments(contract: EmbeddingContract, has_image: bool, text: str | No
         segments.append((TEXT, text))
     segments.append((TEMPLATE, f"\n{contract.instruction}{IM_END}\n{IM_START}assistant\n"))
     return segments
+
+
+def fit_image(image: Any, contract: EmbeddingContract) -> Any:
+    """An input image as the backbone's processor must receive it under ``contract`` (RGB).
+
+    Square mode (``image_max_pixels`` 0, the tiny preset): resized to an ``image_size`` square (bicubic), as
+    moon3 always did. Aspect mode: returned as it is; the processor's smart_resize keeps the aspect ratio within
+    the contract's pixel bounds (:meth:`Moon3Embedder._images` passes them on each call). Anything that feeds the
+    processor (training, serving, RL's dataset) goes through here, so they all see the same pixels.
+    """
+    from PIL import Image
+
+    rgb = image.convert("RGB")
+    if contract.keeps_aspect:
+        return rgb
+    return rgb.resize((contract.image_size, contract.image_size), Image.BICUBIC)
+
+
+def image_size_kwargs(contract: EmbeddingContract) -> dict[str, Any]:
+    """Keyword arguments for a Qwen image processor call: the contract's pixel bounds in aspect mode, else none
+    (a tiny backbone's processor was built for its square)."""
+    if not contract.keeps_aspect:
+        return {}
+    return {"size": {"shortest_edge": contract.image_min_pixels, "longest_edge": contract.image_max_pixels}}
+
+
+def image_tokens(height: int, width: int, contract: EmbeddingContract, patch_size: int, merge_size: int) -> int:
+    """Image tokens (``<|image_pad|>`` positions) an image of ``height`` x ``width`` pixels becomes."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    factor = patch_size * merge_size
+    if contract.keeps_aspect:
+        h, w = smart_resize(height, width, factor, contract.image_min_pixels, contract.image_max_pixels)
+    else:  # the square, through the processor a tiny backbone is built with (both bounds = side^2)
+        side = contract.image_size
+        h, w = smart_resize(side, side, factor, side * side, side * side)
+    return (h // factor) * (w // factor)
 
 
 def reasoning_label(reasoning: bool, trained_with_traces: bool) -> str:

@@ -25,13 +25,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from moon3.model import contract as C
-from moon3.model.backbone import ensure_moon3_tokens, fetch_dir, load_backbone, make_tiny_backbone, quiet_hf
+from moon3.model.backbone import (
+    ensure_moon3_tokens,
+    fetch_dir,
+    is_config_backbone,
+    load_backbone,
+    make_backbone_from_config,
+    quiet_hf,
+    read_backbone_config,
+    tiny_config_path,
+)
 from moon3.model.config import ModelConfig
 from moon3.model.contract import ContractError, EmbeddingContract
 from moon3.model.fire import FIRE
@@ -39,6 +47,9 @@ from moon3.model.fusion import ModalityFusion
 from moon3.model.items import Item, check_items
 
 HEADS_FILE = "moon3_heads.safetensors"
+# Written by training beside a saved model: the in-memory trained model's embeddings of a few inputs, for the
+# saved-vs-trained check (moon3.train.contrastive.save_probe). Any new save removes a stale one.
+PROBE_FILE = "training_probe.safetensors"
 BACKBONE_DIR = "backbone"
 IGNORE = -100
 
@@ -192,37 +203,75 @@ class Moon3Embedder(nn.Module):
     # --- construction, save, load --------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, catalog_texts: Iterable[str] | None = None) -> Moon3Embedder:
-        """Fresh model: ``tiny`` builds a backbone (tokenizer trained on ``catalog_texts``); else loads a path.
+    def from_config(
+        cls,
+        cfg: ModelConfig,
+        catalog_texts: Iterable[str] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Moon3Embedder:
+        """Fresh model: ``tiny`` or a config JSON builds a random-init backbone (tokenizer trained on
+        ``catalog_texts``); else loads a model folder (path or ``gs://``).
 
-        Fusion, FIRE and the projection are new (FIRE's gates at 0), drawn with ``cfg.seed``.
+        The preset is resolved against the backbone's config first (:func:`moon3.model.presets.resolve`); the
+        model keeps, and saves, the resolved config. Fusion, FIRE and the projection are new, drawn with
+        ``cfg.seed``.
+
+        Args:
+            cfg: ``params.yaml``'s ``model`` section.
+            catalog_texts: the tokenizer's corpus (built backbones only).
+            device: where a built backbone's weights are created (default the CPU); the heads follow.
+            dtype: parameter dtype of the backbone: float32 for a built one unless given; a loaded one keeps its
+                checkpoint's dtype unless given.
         """
-        if cfg.backbone == "tiny":
+        from moon3.model.presets import resolve
+
+        if cfg.backbone == "tiny" or is_config_backbone(cfg.backbone):
             # Built in memory: a save/load round trip would give the same weights but costs seconds.
-            backbone, processor = make_tiny_backbone(cfg, catalog_texts or [])
+            path = tiny_config_path(cfg.tiny_arch) if cfg.backbone == "tiny" else Path(cfg.backbone)
+            cfg = resolve(cfg, read_backbone_config(path))
+            backbone, processor = make_backbone_from_config(
+                path, cfg, catalog_texts or [], device=device, dtype=dtype or torch.float32
+            )
         else:
-            backbone, processor = load_backbone(cfg.backbone, trust_remote_code=cfg.trust_remote_code)
+            backbone, processor = load_backbone(cfg.backbone, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+            cfg = resolve(cfg, backbone.config)
             ensure_moon3_tokens(backbone, processor.tokenizer)
-        return cls(backbone, processor, cfg)
+        model = cls(backbone, processor, cfg)
+        return model.to(next(backbone.parameters()).device)
 
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights of the moon3 heads (everything but the backbone)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
-    def save_pretrained(self, out_dir: str | Path, training: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(
+        self,
+        out_dir: str | Path,
+        training: dict[str, Any] | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
         """Write a self-contained folder: contract, heads, and the backbone with its processor.
 
         Args:
             out_dir: the folder.
             training: what produced the weights (stage, steps, data, switches), kept in ``moon3_config.json``
                 under ``training`` for reports and lineage.
+            state_dict: this module's full state dict when the module's own parameters are not the whole
+                weights (ZeRO-3 shards: pass the consolidated one, e.g.
+                :func:`moon3.train.contrastive.consolidated_state_dict`); default: the module's own.
         """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / PROBE_FILE).unlink(missing_ok=True)  # it described the weights being replaced
+        backbone_state = None
+        if state_dict is not None:
+            backbone_state = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
         with quiet_hf():
-            self.backbone.save_pretrained(out_dir / BACKBONE_DIR)
+            self.backbone.save_pretrained(out_dir / BACKBONE_DIR, state_dict=backbone_state)
             self.processor.save_pretrained(out_dir / BACKBONE_DIR)
-        heads = {k: v.detach().contiguous().cpu() for k, v in self.heads_state_dict().items()}
+        if state_dict is None:
+            state_dict = self.heads_state_dict()
+        heads = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if not k.startswith("backbone.")}
         save_file(heads, out_dir / HEADS_FILE, metadata={"contract_version": self.contract.version})
         extra = {"model": dataclasses.asdict(self.cfg), "backbone_type": self.backbone.config.model_type}
         if training is not None:
@@ -232,13 +281,21 @@ class Moon3Embedder(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, expected: EmbeddingContract | None = None, trust_remote_code: bool = False
+        cls,
+        path: str | Path,
+        expected: EmbeddingContract | None = None,
+        trust_remote_code: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> Moon3Embedder:
         """Load a folder written by :meth:`save_pretrained` (local or ``gs://``).
+
+        The saved ``model`` section is taken literally (its preset was resolved when the model was built).
 
         Args:
             path: the folder or ``gs://`` prefix.
             expected: a contract the caller requires (e.g. serving's); any difference is an error.
+            dtype: the backbone's parameter dtype; None = as saved (a bf16 save loads bf16). Training passes
+                float32 (fp32 master weights). The heads are always float32 here.
             trust_remote_code: the user's own explicit choice (``model.trust_remote_code`` in their params, or a
                 CLI flag). A saved folder never grants it: one that asks for its own code to run
                 (``trust_remote_code`` in ``moon3_config.json`` or an ``auto_map`` in ``backbone/config.json``)
@@ -259,7 +316,7 @@ class Moon3Embedder(nn.Module):
                 "source, with your own model.trust_remote_code=true"
             )
         try:
-            backbone, processor = load_backbone(path / BACKBONE_DIR, trust_remote_code=trust_remote_code)
+            backbone, processor = load_backbone(path / BACKBONE_DIR, trust_remote_code=trust_remote_code, dtype=dtype)
         except (OSError, ValueError, KeyError, safetensors_error()) as err:
             raise ContractError(f"{path / BACKBONE_DIR}: not a loadable backbone folder ({_one_line(err)})") from None
         model = cls(backbone, processor, cfg, contract)
@@ -307,15 +364,10 @@ class Moon3Embedder(nn.Module):
         return out
 
     def _images(self, items: list[Item]) -> tuple[dict, list[int]]:
-        side = self.contract.image_size
-        images = [
-            it["image"].convert("RGB").resize((side, side), Image.BICUBIC)
-            for it in items
-            if it.get("image") is not None
-        ]
+        images = [C.fit_image(it["image"], self.contract) for it in items if it.get("image") is not None]
         if not images:
             return {}, []
-        out = self.image_processor(images=images, return_tensors="pt")
+        out = self.image_processor(images=images, return_tensors="pt", **C.image_size_kwargs(self.contract))
         merge = self.image_processor.merge_size**2
         counts = (out["image_grid_thw"].prod(-1) // merge).tolist()
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}, counts
@@ -441,11 +493,14 @@ class Moon3Embedder(nn.Module):
             use_cache=False,
         )
         states = out.last_hidden_state
-        h = states[:, -1].float()
+        # The heads compute in their own dtype: float32 (fp32 weights, autocast or not), or bfloat16 when
+        # DeepSpeed's bf16 mode has cast the whole module. The embedding is normalised in float32 either way.
+        head_dtype = self.proj.weight.dtype
+        h = states[:, -1].to(head_dtype)
         f = h
         if self.fusion is not None:
-            f = self.fusion(h, states.float(), b["image_mask"], b["text_mask"])
-        embeddings = F.normalize(self.proj(f), dim=-1)
+            f = self.fusion(h, states.to(head_dtype), b["image_mask"], b["text_mask"])
+        embeddings = F.normalize(self.proj(f).float(), dim=-1)
         labels = b.get("labels")
         if labels is None or not bool((labels != IGNORE).any()):
             return Moon3Output(embeddings=embeddings)

@@ -87,6 +87,15 @@ class FIRE(nn.Module):
         hidden = backbone.config.text_config.hidden_size
         return cls(vision_width(visual), visual.spatial_merge_size**2, hidden, chosen, vision_layer)
 
+    def forward(self, slot: int, fine: torch.Tensor) -> torch.Tensor:
+        """The residual of FIRE layer ``slot`` for fine features ``fine`` (one row per image token).
+
+        The hooks call the module itself rather than reading its weights: under ZeRO-3 a module's own parameters
+        (``alpha`` here) are gathered only while that module runs.
+        """
+        projected = self.project(fine.to(self.alpha.dtype))
+        return torch.tanh(self.alpha[slot]) * self.mlps[slot](self.norms[slot](projected))
+
     def gate_values(self) -> list[float]:
         """``tanh(alpha_l)`` per FIRE layer: how open each injection gate is."""
         return torch.tanh(self.alpha.detach().float()).tolist()
@@ -157,8 +166,7 @@ class FIRE(nn.Module):
                 f"FIRE: {int(mask.sum())} image tokens but {self._fine.shape[0]} fine-feature rows; "
                 "the prompt and the images of this batch disagree"
             )
-        fine = self.project(self._fine.to(self.alpha.dtype))
-        delta = torch.tanh(self.alpha[slot]) * self.mlps[slot](self.norms[slot](fine))
+        delta = self(slot, self._fine)
         hidden = hidden.clone()
         hidden[mask] = hidden[mask] + delta.to(hidden.dtype)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden

@@ -11,7 +11,14 @@ ZeRO-2/3 (``train.deepspeed_config``, launched with ``deepspeed`` or ``torchrun`
 4. AdamW with warmup + cosine, gradient clipping; a checkpoint every ``save_every`` steps.
 
 Outputs in ``out_dir``: ``init/`` (the untrained model, the baseline for evaluation), ``final/`` (the trained
-model, self-contained) and ``checkpoints/``; in ``train.report_dir``: ``train_metrics.json`` and ``dvclive/``.
+model, self-contained, with ``training_probe.safetensors``) and ``checkpoints/``; in ``train.report_dir``:
+``train_metrics.json`` and ``dvclive/``.
+
+Precision (issue 15): without DeepSpeed the backbone is trained in float32 (fp32 master weights, loaded so even
+from a bf16 checkpoint) under bf16 autocast on a bf16 GPU; with DeepSpeed bf16 the module is bf16 and DeepSpeed
+keeps the fp32 master copy. Learning rates per group follow ``model.preset`` (:mod:`moon3.model.presets`). Under
+ZeRO-3 the held-out check, the probe and the final save run on every rank (the save gathers the weights onto
+rank 0), so nothing waits on a rank that holds only a shard.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from torch import nn
 
 from moon3.common.progress import Progress
 from moon3.config import Moon3Config
+from moon3.model.presets import learning_rates
 from moon3.train.checkpoint import resume_from_latest, resume_settings, save_checkpoint
 from moon3.train.data import HardNegativeSampler, PairBatch, PairData
 from moon3.train.heldout import heldout_text_recall, record_heldout
@@ -165,8 +173,14 @@ def _positive_index(n_queries: int, n_products: int, world_size: int, device: to
     return torch.cat([r * n_products + local for r in range(world_size)])
 
 
-def build_or_load_init(cfg: Moon3Config, data_dir: str | Path, out_dir: Path, dist: DistInfo):
-    """The starting model, identical on every rank: rank 0 builds and saves ``init/``, the others load it."""
+def build_or_load_init(
+    cfg: Moon3Config, data_dir: str | Path, out_dir: Path, dist: DistInfo, dtype: torch.dtype | None = None
+):
+    """The starting model, identical on every rank: rank 0 builds and saves ``init/``, the others load it.
+
+    ``dtype`` is the backbone's training dtype (float32 = fp32 master weights; None = as saved, for DeepSpeed bf16,
+    which keeps its own fp32 master copy).
+    """
     from moon3.model.embedder import Moon3Embedder
     from moon3.model.items import catalog_texts
 
@@ -181,7 +195,7 @@ def build_or_load_init(cfg: Moon3Config, data_dir: str | Path, out_dir: Path, di
         model.save_pretrained(init_dir, training=_training_record(cfg, data_dir, "init", 0, traces=False))
     if dist.world_size > 1:
         torch.distributed.barrier()
-    return Moon3Embedder.from_pretrained(init_dir, trust_remote_code=cfg.model.trust_remote_code)
+    return Moon3Embedder.from_pretrained(init_dir, trust_remote_code=cfg.model.trust_remote_code, dtype=dtype)
 
 
 def train_contrastive(
@@ -221,7 +235,11 @@ def train_contrastive(
     torch.manual_seed(tc.seed + dist.rank)
     out.mkdir(parents=True, exist_ok=True)
 
-    embedder = build_or_load_init(cfg, data_dir, out, dist)
+    ds_config = deepspeed_config(tc, dist.device) if use_ds else None
+    # fp32 master weights: without DeepSpeed the optimizer updates the module's own weights, so they are float32
+    # even when the checkpoint is bf16 (bf16 happens inside autocast); DeepSpeed bf16 keeps its own fp32 copy.
+    ds_bf16 = bool(ds_config and ds_config.get("bf16", {}).get("enabled"))
+    embedder = build_or_load_init(cfg, data_dir, out, dist, dtype=None if ds_bf16 else torch.float32)
     if tc.gradient_checkpointing:
         embedder.backbone.gradient_checkpointing_enable()
     data = PairData(data_dir, "train", tc.traces_dir or None)
@@ -234,7 +252,8 @@ def train_contrastive(
         data.traces, data.query_traces = {}, {}
         _freeze_unused_lm_head(embedder)
     model = ContrastiveModel(embedder, tc.temperature_init).to(dist.device)
-    optimizer = torch.optim.AdamW(parameter_groups(model, tc))
+    lrs = learning_rates(tc, embedder.cfg.preset, embedder.backbone.config)
+    optimizer = torch.optim.AdamW(parameter_groups(model, tc, lrs))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(tc.warmup_steps, tc.steps))
 
     engine = None
@@ -242,12 +261,7 @@ def train_contrastive(
     if use_ds:
         import deepspeed
 
-        ds_config = json.loads(Path(tc.deepspeed_config).read_text())
-        ds_config["train_micro_batch_size_per_gpu"] = tc.batch_size
-        ds_config["gradient_accumulation_steps"] = tc.grad_accum
-        ds_config["gradient_clipping"] = tc.max_grad_norm
-        if ds_config.get("bf16", {}).get("enabled") == "auto":
-            ds_config["bf16"]["enabled"] = _use_bf16(tc.precision, dist.device)
+        _zero3_leaf_modules(model)
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
@@ -287,10 +301,13 @@ def train_contrastive(
     )
     # DeepSpeed casts the model itself when its config enables bf16.
     autocast = _autocast(tc.precision if engine is None else "fp32", dist.device)
+    # Under ZeRO-3 every rank holds a shard of each weight: the held-out check, the probe and the save run their
+    # forwards (and gathers) on every rank in step, and rank 0 alone records and writes.
+    collective = is_zero3(engine)
     heldout_init = None
-    if start_step == 0 and dist.is_main and tc.heldout_queries > 0:
+    if start_step == 0 and (dist.is_main or collective) and tc.heldout_queries > 0:
         heldout_init = heldout_text_recall(embedder, data_dir, max_queries=tc.heldout_queries)
-        if heldout_init.value is not None:
+        if heldout_init.value is not None and dist.is_main:
             tracker.log_metrics({"heldout_text_recall_at_10": heldout_init.value}, 0)
     # A bar on a terminal, a plain line every $MOON3_PROGRESS_INTERVAL s elsewhere (dvc repro in CI, a log file).
     bar = Progress(total=end_step - start_step, desc="pretrain", unit="step", disable=not (progress and dist.is_main))
@@ -351,12 +368,20 @@ def train_contrastive(
         "pairs_per_second": pairs_done / max(elapsed, 1e-9),
         "world_size": dist.world_size,
     }
+    if dist.device.type == "cuda":
+        summary["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
     if not last:
         unmeasured = ("loss", "infonce", "temperature")
         summary["skipped"] = {f"final_{k}": "no step ran in this invocation" for k in unmeasured}
-    if end_step == tc.steps and dist.is_main:
+    if end_step == tc.steps and (dist.is_main or collective):
+        heldout = None
         if tc.heldout_queries > 0:
             heldout = heldout_text_recall(embedder, data_dir, max_queries=tc.heldout_queries)
+        probe = probe_embeddings(embedder, data)
+        # ZeRO-3: the full weights, gathered one module at a time onto rank 0 (None on the other ranks).
+        state = consolidated_state_dict(engine) if collective else None
+    if end_step == tc.steps and dist.is_main:
+        if heldout is not None:
             record_heldout(summary, "heldout_text_recall_at_10", heldout)
             if heldout.value is not None:
                 tracker.log_metrics({"heldout_text_recall_at_10": heldout.value}, end_step)
@@ -367,7 +392,9 @@ def train_contrastive(
             print("no reasoning traces were trained (none in the data): the model is saved with reasoning off")
         embedder.contract = embedder.contract.with_training(use_traces, cfg.model.reasoning)
         record = _training_record(cfg, data_dir, "pretrain", end_step, traces=use_traces)
-        embedder.save_pretrained(final, training=record)
+        record["learning_rates"] = lrs
+        embedder.save_pretrained(final, training=record, state_dict=state)
+        save_probe(final, *probe)
         reports.mkdir(parents=True, exist_ok=True)
         (reports / "train_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         tracker.log_summary({k: v for k, v in summary.items() if isinstance(v, int | float)})
@@ -376,9 +403,12 @@ def train_contrastive(
     return summary
 
 
-def parameter_groups(model: ContrastiveModel, tc) -> list[dict[str, Any]]:
+def parameter_groups(model: ContrastiveModel, tc, lrs: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """AdamW groups with their own learning rates (method.md section 4): the backbone, the moon3 heads (fusion,
-    FIRE, projection) and the log-temperature; biases, norms and FIRE's gates (1-D) get no weight decay."""
+    FIRE, projection) and the log-temperature; biases, norms and FIRE's gates (1-D) get no weight decay.
+
+    ``lrs`` maps each group to its peak rate (:func:`moon3.model.presets.learning_rates`: the preset's while the
+    ``train.lr*`` keys are left at their defaults); default: the keys as written."""
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -390,7 +420,7 @@ def parameter_groups(model: ContrastiveModel, tc) -> list[dict[str, Any]]:
         else:
             role = "heads"
         groups.setdefault((role, role != "temperature" and param.ndim >= 2), []).append(param)
-    lr = {"backbone": tc.lr, "heads": tc.lr_heads, "temperature": tc.lr_temperature}
+    lr = lrs or {"backbone": tc.lr, "heads": tc.lr_heads, "temperature": tc.lr_temperature}
     return [
         {"params": params, "lr": lr[role], "weight_decay": tc.weight_decay if decay else 0.0, "name": role}
         for (role, decay), params in sorted(groups.items())
@@ -402,7 +432,10 @@ def module_gates(embedder: nn.Module) -> dict[str, float]:
     fusion head's mean gates of the last batch (``<emb>`` state, image read-out, text read-out)."""
     out: dict[str, float] = {}
     fire = getattr(embedder, "fire", None)
-    gates = fire.gate_values() if fire is not None else []
+    gates = []
+    if fire is not None:
+        with gathered([fire.alpha]):  # a ZeRO-3 shard otherwise (every rank calls this, in step)
+            gates = fire.gate_values()
     if gates and len(gates) == len(fire.layers):  # not on a ZeRO-3 rank holding only a shard of alpha
         out["fire_gate_abs_mean"] = sum(abs(g) for g in gates) / len(gates)
         out.update({f"fire_gate_l{layer}": g for layer, g in zip(fire.layers, gates, strict=True)})
@@ -411,6 +444,91 @@ def module_gates(embedder: nn.Module) -> dict[str, float]:
         mean = fusion.last_gates.float().mean(dim=0).tolist()
         out.update({"fusion_gate_h_mean": mean[0], "fusion_gate_v_mean": mean[1], "fusion_gate_t_mean": mean[2]})
     return out
+
+
+def deepspeed_config(tc, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed config of ``train.deepspeed_config`` with its ``auto`` values filled from ``tc``: micro-batch,
+    accumulation, clipping, and bf16 (``train.precision``: auto = a bf16 GPU)."""
+    ds_config = json.loads(Path(tc.deepspeed_config).read_text())
+    ds_config["train_micro_batch_size_per_gpu"] = tc.batch_size
+    ds_config["gradient_accumulation_steps"] = tc.grad_accum
+    ds_config["gradient_clipping"] = tc.max_grad_norm
+    if ds_config.get("bf16", {}).get("enabled") == "auto":
+        ds_config["bf16"]["enabled"] = _use_bf16(tc.precision, device)
+    return ds_config
+
+
+def is_zero3(engine: Any) -> bool:
+    """Whether ``engine`` is a DeepSpeed engine that partitions the weights (ZeRO stage 3)."""
+    return engine is not None and bool(engine.zero_optimization_partition_weights())
+
+
+def gathered(params: list[nn.Parameter]):
+    """Context in which ``params`` are whole: DeepSpeed's ``GatheredParameters`` for ZeRO-3 partitioned ones (a
+    collective: every rank must enter it), else nothing."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
+
+
+def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The embedder's full state dict from a ZeRO-3 engine, 16-bit, on rank 0 (None elsewhere); every rank must
+    call it. Needs ``stage3_gather_16bit_weights_on_model_save`` (``infra/deepspeed/zero3.json`` sets it)."""
+    state = engine._zero3_consolidated_16bit_state_dict()
+    if state is None:
+        return None
+    prefix = "embedder."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+PROBE_ITEMS = 8
+
+
+@torch.no_grad()
+def probe_embeddings(embedder: nn.Module, data: PairData, n: int = PROBE_ITEMS) -> tuple[torch.Tensor, list[str]]:
+    """Direct embeddings of the first ``n`` training products by the in-memory trained model (every rank under
+    ZeRO-3), with their product ids: the training-time side of the saved-vs-trained check (method.md section 1:
+    cosine >= 0.999 for the same input)."""
+    from moon3.model.items import product_item
+
+    rows = data.products.head(n)
+    items = [product_item(row, data.root) for _, row in rows.iterrows()]
+    return embedder.embed(items, reasoning=False, batch_size=n), [str(p) for p in rows["product_id"]]
+
+
+def save_probe(folder: Path, embeddings: torch.Tensor, product_ids: list[str]) -> Path:
+    """Write :data:`moon3.model.embedder.PROBE_FILE` into a saved model folder (embeddings float32, product ids
+    in the metadata)."""
+    from safetensors.torch import save_file
+
+    from moon3.model.embedder import PROBE_FILE
+
+    path = Path(folder) / PROBE_FILE
+    save_file({"embeddings": embeddings.float().contiguous()}, path, metadata={"product_ids": json.dumps(product_ids)})
+    return path
+
+
+def load_probe(folder: str | Path) -> tuple[torch.Tensor, list[str]]:
+    """What :func:`save_probe` wrote: ``(embeddings, product_ids)``."""
+    from safetensors import safe_open
+
+    from moon3.model.embedder import PROBE_FILE
+
+    with safe_open(str(Path(folder) / PROBE_FILE), framework="pt") as handle:
+        ids = json.loads(handle.metadata()["product_ids"])
+        return handle.get_tensor("embeddings"), ids
+
+
+def _zero3_leaf_modules(model: nn.Module) -> None:
+    """Tell ZeRO-3 to gather ``nn.MultiheadAttention`` (the fusion head) whole: its forward reads its ``out_proj``
+    weights without calling that submodule, which ZeRO-3 would otherwise leave as an empty shard."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
+        set_z3_leaf_modules(model, [nn.MultiheadAttention])
 
 
 def _training_record(cfg: Moon3Config, data_dir: str | Path, stage: str, steps: int, traces: bool) -> dict:

@@ -16,6 +16,13 @@ just new words), quarantining it would silently shrink and bias the eval gallery
 long-tail catalog it would trip the reject fraction. ``validation.allowed_attribute_keys`` is an optional
 override: when set, any other key quarantines the row in every split (``unknown_attribute_key``), as a contract
 with an upstream catalog would. Rules about attributes name the offending keys and values in their examples.
+
+Text is blank when it has no character outside Unicode categories Cc, Cf, Zs, Zl, Zp (:data:`VISIBLE`): a title of
+zero-width, bidi or control characters is a missing title. Ids are also compared after :func:`normalise_ids`
+(NFKC, format characters removed, lower case, stripped): rows whose ids collide only that way are quarantined
+(``product_id_collision`` / ``query_id_collision``), every row involved, since which one is meant cannot be
+known; exact duplicates stay a table-level failure. An eval product with the same normalised title and image
+bytes as a train product is leakage: the eval copy is quarantined (``eval_copy_of_train_product``).
 """
 
 from __future__ import annotations
@@ -33,12 +40,38 @@ import pyarrow.parquet as pq
 
 from moon3.data.schema import QUERY_TYPES, SCHEMAS, SPLITS, schema_errors
 from moon3.validation.config import ValidationConfig
-from moon3.validation.images import MISSING, OK, UNDECODABLE, ImageCheck
+from moon3.validation.images import (
+    FAILED_STATES,
+    MISSING,
+    NOT_A_FILE,
+    OK,
+    OUTSIDE_ROOT,
+    REMOTE_ERROR,
+    TOO_LARGE,
+    UNDECODABLE,
+    ImageCheck,
+)
 
 ROW, TABLE, INFO = "row", "table", "info"
 NULL = "<null>"  # stands in for a null categorical value: GX column-map expectations skip nulls, the gate must not
-IMAGE_STATES = [OK, MISSING, UNDECODABLE]
-QUERY_IMAGE_STATES = ["none", OK, MISSING, UNDECODABLE]
+IMAGE_STATES = [OK, *FAILED_STATES]
+QUERY_IMAGE_STATES = ["none", OK, *FAILED_STATES]
+# Reason suffix and description per failed image state: products get image_<suffix>, queries query_image_<suffix>.
+IMAGE_RULES = {
+    MISSING: ("missing", "no such file or object (for a product also: no path)"),
+    OUTSIDE_ROOT: (
+        "outside_dataset",
+        "the path leaves the dataset folder (../, a symlink or an absolute path "
+        "outside it; validation.allowed_image_dirs adds folders)",
+    ),
+    NOT_A_FILE: ("not_a_file", "the path is a FIFO, a device, a folder or a socket, not a regular file"),
+    TOO_LARGE: ("too_large", "the file is over validation.max_image_bytes or the image over max_image_pixels"),
+    REMOTE_ERROR: ("unreadable_remote", "a gs:// read failed (credentials, network or remote_timeout_s)"),
+    UNDECODABLE: ("undecodable", "the file exists but does not decode as an image"),
+}
+# Characters that carry nothing visible: controls (Cc), format characters (Cf: zero-width, bidi, BOM) and
+# separators (Zs, Zl, Zp). A text made only of these is blank.
+VISIBLE = r"[^\p{Cc}\p{Cf}\p{Zs}\p{Zl}\p{Zp}]"
 # query_type:inputs present. A categorical column of these strings keeps GX vectorised (its column-pair
 # expectations loop in Python: 140 s on 1M rows).
 TYPE_INPUTS = ["text:text", "image:image", "multimodal:text+image", "category:text"]
@@ -87,6 +120,8 @@ def read_checked(path: str | Path, table: str) -> tuple[pa.Table | None, list[st
     path = Path(path)
     if not path.exists():
         return None, [f"{path}: file not found"], []
+    if not path.is_file():  # a FIFO would block the read forever, a device never end
+        return None, [f"{path}: not a regular file (a folder, FIFO or device)"], []
     try:
         arrow = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as err:
@@ -109,8 +144,46 @@ def _strings(arr: pa.Array) -> np.ndarray:
     return np.asarray(arr.to_pandas(), dtype=object) if len(arr) else np.array([], dtype=object)
 
 
-def _stripped_length(arr: pa.Array) -> np.ndarray:
-    return pc.utf8_length(pc.utf8_trim_whitespace(arr)).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+def _visible(arr: pa.Array) -> pa.Array:
+    """Per value: has at least one character outside :data:`VISIBLE`'s blank categories (null -> False)."""
+    return pc.fill_null(pc.match_substring_regex(arr, VISIBLE), False)
+
+
+def _text_length(arr: pa.Array) -> np.ndarray:
+    """Characters of each value; 0 for null and for text made only of blank characters (see :data:`VISIBLE`)."""
+    length = pc.utf8_length(arr).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.where(_visible(arr).to_numpy(zero_copy_only=False), length, 0)
+
+
+def normalise_ids(arr: pa.Array) -> pa.Array:
+    """Ids as a person or a case-insensitive system reads them: NFKC (full-width letters and digits become ASCII),
+    format characters removed (zero-width, bidi, BOM), lower case, surrounding whitespace stripped."""
+    text = pc.utf8_normalize(arr, "NFKC")
+    text = pc.replace_substring_regex(text, r"\p{Cf}", "")
+    return pc.utf8_trim_whitespace(pc.utf8_lower(text))
+
+
+def _id_collisions(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Rows whose normalised id (:func:`normalise_ids`) equals another row's while the raw ids differ.
+
+    The duplicate-id rule's mask (``duplicated(keep=False)``) on the normalised ids, minus exact duplicates, which
+    the table-level uniqueness rule already fails. Returns the mask and, per colliding row, its raw id as
+    ``repr`` (so a trailing space or a full-width letter shows in the report).
+    """
+    n = len(arr)
+    detail = np.full(n, None, dtype=object)
+    norm = pd.Series(_strings(normalise_ids(arr)), dtype=object)
+    candidate = (norm.duplicated(keep=False) & norm.notna() & (norm != "")).to_numpy()
+    if not candidate.any():
+        return np.zeros(n, dtype=bool), detail
+    raw = pd.Series(_strings(arr), dtype=object)
+    rows = np.flatnonzero(candidate)
+    distinct = raw.iloc[rows].groupby(norm.iloc[rows].to_numpy()).transform("nunique").to_numpy()
+    mask = np.zeros(n, dtype=bool)
+    mask[rows[distinct > 1]] = True
+    for i in np.flatnonzero(mask):
+        detail[i] = (repr(raw.iloc[i]),)
+    return mask, detail
 
 
 def _per_row(parents: pa.Array, flags: pa.Array, n: int) -> np.ndarray:
@@ -173,14 +246,17 @@ def product_frame(
 
     path = _column(products, "category_path")
     levels = pc.list_flatten(path)
-    empty_level = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(levels)), 0)
+    empty_level = pc.invert(_visible(levels))
+    collision, collision_detail = _id_collisions(ids)
 
     attributes = _attribute_checks(products, vocabulary or learn_attribute_vocabulary(products, cfg), cfg)
     frame = pd.DataFrame(
         {
             "product_id": _strings(ids),
-            "product_id_length": _stripped_length(ids),
-            "title_length": _stripped_length(title),
+            "product_id_length": _text_length(ids),
+            "product_id_collision": collision.astype(np.int64),
+            "product_id_collision_ids": collision_detail,
+            "title_length": _text_length(title),
             "image_status": image_status,
             "category_depth": pc.list_value_length(path).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64),
             "n_empty_category_levels": _per_row(pc.list_parent_indices(path), empty_level, n),
@@ -189,7 +265,10 @@ def product_frame(
             "split": _labels(_column(products, "split")),
         }
     )
-    frame["near_duplicate_of"] = _near_duplicates(title, digest_code, frame["product_id"].to_numpy())
+    split = np.asarray(frame["split"], dtype=object)
+    frame["near_duplicate_of"], frame["train_copy_of"] = _near_duplicates(
+        title, digest_code, frame["product_id"].to_numpy(), split
+    )
     return frame
 
 
@@ -268,7 +347,7 @@ def learn_attribute_vocabulary(products: pa.Table, cfg: ValidationConfig) -> Att
     pairs = pc.list_flatten(attrs)
     is_train = pc.fill_null(pc.equal(_column(products, "split"), "train"), False)
     keys, values = pc.struct_field(pairs, 0), pc.struct_field(pairs, 1)
-    keep = pc.and_(pc.take(is_train, pc.list_parent_indices(attrs)), pc.greater(_trimmed_length(values), 0))
+    keep = pc.and_(pc.take(is_train, pc.list_parent_indices(attrs)), _visible(values))
     if cfg.allowed_attribute_keys:
         keep = pc.and_(keep, pc.is_in(keys, value_set=pa.array(cfg.allowed_attribute_keys, type=pa.string())))
     seen = pa.table({"key": keys.filter(keep), "value": values.filter(keep)})
@@ -284,10 +363,6 @@ def learn_attribute_vocabulary(products: pa.Table, cfg: ValidationConfig) -> Att
     )
 
 
-def _trimmed_length(arr: pa.Array) -> pa.Array:
-    return pc.fill_null(pc.utf8_length(pc.utf8_trim_whitespace(arr)), 0)
-
-
 def _attribute_checks(products: pa.Table, vocabulary: AttributeVocabulary, cfg: ValidationConfig) -> dict[str, Any]:
     """Per-row counts of the attribute rules, and per offending row what offends (``detail`` columns)."""
     n = products.num_rows
@@ -295,7 +370,8 @@ def _attribute_checks(products: pa.Table, vocabulary: AttributeVocabulary, cfg: 
     pairs = pc.list_flatten(attrs)
     parents = pc.list_parent_indices(attrs)
     keys, values = pc.struct_field(pairs, 0), pc.struct_field(pairs, 1)
-    blank = pc.equal(_trimmed_length(values), 0)
+    blank = pc.invert(_visible(values))
+    duplicate = _duplicate_keys(parents, keys)
     if cfg.allowed_attribute_keys:
         unknown = pc.invert(pc.is_in(keys, value_set=pa.array(cfg.allowed_attribute_keys, type=pa.string())))
     else:
@@ -310,6 +386,8 @@ def _attribute_checks(products: pa.Table, vocabulary: AttributeVocabulary, cfg: 
     return {
         "n_unknown_attribute_keys": _per_row(parents, unknown, n),
         "unknown_attribute_keys": _details(parents, keys, unknown, n),
+        "n_duplicate_attribute_keys": _per_row(parents, duplicate, n),
+        "duplicate_attribute_keys": _details(parents, keys, duplicate, n),
         "n_empty_attribute_values": _per_row(parents, blank, n),
         "empty_attribute_value_keys": _details(parents, keys, blank, n),
         "n_unseen_attribute_keys": _per_row(parents, unseen_key, n),
@@ -317,6 +395,20 @@ def _attribute_checks(products: pa.Table, vocabulary: AttributeVocabulary, cfg: 
         "n_unseen_attribute_values": _per_row(parents, unseen_value, n),
         "unseen_attribute_values": _details(parents, shown_pairs, unseen_value, n),
     }
+
+
+def _duplicate_keys(parents: pa.Array, keys: pa.Array) -> pa.Array:
+    """Flags the second and later occurrence of a key within one product's attributes (keys compared after
+    :func:`normalise_ids`: ``color``, ``Color`` and ``color `` are one key). A parquet map may hold a key twice;
+    read as a dict the last value would silently win (red then blue -> blue)."""
+    if not len(keys):
+        return pa.array([], type=pa.bool_())
+    encoded = pc.dictionary_encode(keys)  # catalogs have few distinct keys: normalise those, not every pair
+    distinct = pc.fill_null(normalise_ids(encoded.dictionary), "")
+    norm_code = pc.dictionary_encode(distinct).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    key_code = norm_code[encoded.indices.fill_null(0).to_numpy(zero_copy_only=False)]
+    combined = parents.to_numpy(zero_copy_only=False).astype(np.int64) * (int(norm_code.max()) + 1) + key_code
+    return pa.array(pd.Series(combined).duplicated(keep="first").to_numpy())
 
 
 def _details(parents: pa.Array, labels: pa.Array, flags: pa.Array, n: int) -> np.ndarray:
@@ -333,19 +425,24 @@ def _details(parents: pa.Array, labels: pa.Array, flags: pa.Array, n: int) -> np
     return out
 
 
-def _near_duplicates(title: pa.Array, digest_code: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Id of the first product with the same normalised title and image bytes; None for first copies."""
+def _near_duplicates(
+    title: pa.Array, digest_code: np.ndarray, ids: np.ndarray, split: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the id of the first product with the same normalised title and image bytes (None for first
+    copies), and for an eval product the id of the first *train* product it copies (None otherwise): a train
+    product copied under a new id into eval is leakage (the model trained on the very item it is scored on)."""
     n = len(ids)
     out = np.full(n, None, dtype=object)
+    train_copy = np.full(n, None, dtype=object)
     # Only rows whose image bytes occur more than once can be near-duplicates: normalise just those titles
     # (the regex costs ~3 s per 1M titles; most real catalogs have few shared images).
     shared = (digest_code >= 0) & (np.bincount(digest_code + 1, minlength=1)[digest_code + 1] > 1)
     rows = np.flatnonzero(shared)
     if len(rows) == 0:
-        return out
+        return out, train_copy
     # Punctuation, symbols and whitespace collapse to one space (Unicode classes: CJK titles keep their words).
-    norm = pc.utf8_lower(title.take(pa.array(rows)))
-    norm = pc.utf8_trim_whitespace(pc.replace_substring_regex(norm, r"[\s\p{P}\p{S}]+", " "))
+    norm = pc.utf8_lower(pc.utf8_normalize(title.take(pa.array(rows)), "NFKC"))
+    norm = pc.utf8_trim_whitespace(pc.replace_substring_regex(norm, r"[\s\p{P}\p{S}\p{Cf}\p{Cc}]+", " "))
     title_code = pc.dictionary_encode(norm).indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
     eligible = (title_code >= 0) & (pc.utf8_length(norm).fill_null(0).to_numpy(zero_copy_only=False) > 0)
     digest = digest_code[rows]
@@ -354,7 +451,14 @@ def _near_duplicates(title: pa.Array, digest_code: np.ndarray, ids: np.ndarray) 
     first_of_row = first[codes]
     dup = eligible & (first_of_row != np.arange(len(rows)))
     out[rows[dup]] = ids[rows[first_of_row[dup]]]
-    return out
+    # The first train row of each group, and every eval row of a group that has one.
+    is_train = split[rows] == "train"
+    if is_train.any():
+        first_train = pd.Series(np.arange(len(rows))[is_train]).groupby(codes[is_train]).min()
+        train_of_row = pd.Series(codes).map(first_train).to_numpy()
+        leak = eligible & (split[rows] == "eval") & ~pd.isna(train_of_row)
+        train_copy[rows[leak]] = ids[rows[train_of_row[leak].astype(np.int64)]]
+    return out, train_copy
 
 
 def product_checks(cfg: ValidationConfig) -> list[Check]:
@@ -364,15 +468,18 @@ def product_checks(cfg: ValidationConfig) -> list[Check]:
         Check("missing_product_id", ROW, "product_id_length", "product_id is null or blank",
               lambda E: E.ExpectColumnValuesToBeBetween(column="product_id_length", min_value=1),
               lambda f: f["product_id_length"].to_numpy() < 1),
-        Check("missing_title", ROW, "title_length", "title is null or blank",
+        Check("product_id_collision", ROW, "product_id_collision",
+              "no other product_id is the same after NFKC, case folding and stripping (e.g. P1 / p1 / 'p1 ' / Ｐ１)",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="product_id_collision", max_value=0),
+              lambda f: f["product_id_collision"].to_numpy() > 0, "product_id_collision_ids", "ids"),
+        Check("missing_title", ROW, "title_length", "title is null or blank (only spaces, controls, zero-width "
+              "or bidi characters)",
               lambda E: E.ExpectColumnValuesToBeBetween(column="title_length", min_value=1),
               lambda f: f["title_length"].to_numpy() < 1),
-        Check("image_missing", ROW, "image_status", "image path is null or the file does not exist",
-              lambda E: E.ExpectColumnValuesToNotBeInSet(column="image_status", value_set=[MISSING]),
-              lambda f: (f["image_status"] == MISSING).to_numpy()),
-        Check("image_undecodable", ROW, "image_status", "image file exists but does not decode",
-              lambda E: E.ExpectColumnValuesToNotBeInSet(column="image_status", value_set=[UNDECODABLE]),
-              lambda f: (f["image_status"] == UNDECODABLE).to_numpy()),
+        Check("title_too_long", ROW, "title_length", f"title has at most {cfg.max_title_chars} characters",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="title_length", max_value=cfg.max_title_chars),
+              lambda f: f["title_length"].to_numpy() > cfg.max_title_chars),
+        *_image_rules("image", "image_status"),
         Check("category_depth", ROW, "category_depth", f"category_path has 1..{cfg.max_category_depth} levels",
               lambda E: E.ExpectColumnValuesToBeBetween(
                   column="category_depth", min_value=1, max_value=cfg.max_category_depth),
@@ -392,6 +499,11 @@ def product_checks(cfg: ValidationConfig) -> list[Check]:
               "no earlier product has the same normalised title and image bytes",
               lambda E: E.ExpectColumnValuesToBeNull(column="near_duplicate_of"),
               lambda f: f["near_duplicate_of"].notna().to_numpy()),
+        Check("eval_copy_of_train_product", ROW, "train_copy_of",
+              "an eval product is not a train product under another id (same normalised title and image bytes); "
+              "the eval copy is quarantined",
+              lambda E: E.ExpectColumnValuesToBeNull(column="train_copy_of"),
+              lambda f: f["train_copy_of"].notna().to_numpy()),
         Check("duplicate_product_id", TABLE, "product_id", "product_id is unique",
               lambda E: E.ExpectColumnValuesToBeUnique(column="product_id"),
               lambda f: (f["product_id"].duplicated(keep=False) & f["product_id"].notna()).to_numpy()),
@@ -399,9 +511,23 @@ def product_checks(cfg: ValidationConfig) -> list[Check]:
     ]  # fmt: skip
 
 
+def _image_rules(prefix: str, column: str) -> list[Check]:
+    """One row rule per failed image state (:data:`IMAGE_RULES`): ``<prefix>_missing``, ``<prefix>_too_large``..."""
+    return [
+        Check(f"{prefix}_{suffix}", ROW, column, f"{prefix}: {description}",
+              lambda E, state=state: E.ExpectColumnValuesToNotBeInSet(column=column, value_set=[state]),
+              lambda f, state=state: (f[column] == state).to_numpy())
+        for state, (suffix, description) in IMAGE_RULES.items()
+    ]  # fmt: skip
+
+
 def _attribute_rules(cfg: ValidationConfig) -> list[Check]:
     """``unknown_attribute_key`` only with the override; the vocabulary rules (eval vs training) always."""
     rules = [
+        Check("duplicate_attribute_key", ROW, "n_duplicate_attribute_keys",
+              "a product names each attribute key once (compared after NFKC, case folding and stripping)",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="n_duplicate_attribute_keys", max_value=0),
+              lambda f: f["n_duplicate_attribute_keys"].to_numpy() > 0, "duplicate_attribute_keys", "keys"),
         Check("empty_attribute_value", ROW, "n_empty_attribute_values", "an attribute value is null or blank",
               lambda E: E.ExpectColumnValuesToBeBetween(column="n_empty_attribute_values", max_value=0),
               lambda f: f["n_empty_attribute_values"].to_numpy() > 0, "empty_attribute_value_keys", "keys"),
@@ -451,9 +577,11 @@ def query_frame(
     """The queries check frame; ``products`` (the table) and its quarantine mask resolve positive products."""
     ids = _column(queries, "query_id")
     qtype = pc.fill_null(_column(queries, "query_type"), NULL)
-    has_text = _stripped_length(_column(queries, "query_text")) > 0
+    text_length = _text_length(_column(queries, "query_text"))
+    has_text = text_length > 0
     image = _column(queries, "query_image")
-    has_image = _stripped_length(image) > 0
+    has_image = _text_length(image) > 0
+    collision, collision_detail = _id_collisions(ids)
     image_status, _ = _image_columns(image, images, QUERY_IMAGE_STATES, "none")
     image_status = np.where(has_image, np.asarray(image_status, dtype=object), "none")
     inputs = np.select([has_text & has_image, has_text, has_image], ["text+image", "text", "image"], "none")
@@ -475,7 +603,10 @@ def query_frame(
     return pd.DataFrame(
         {
             "query_id": _strings(ids),
-            "query_id_length": _stripped_length(ids),
+            "query_id_length": _text_length(ids),
+            "query_id_collision": collision.astype(np.int64),
+            "query_id_collision_ids": collision_detail,
+            "query_text_length": text_length,
             "query_type": _labels(qtype),
             "type_and_inputs": _pairs(_labels(qtype), pd.Categorical(inputs)),
             "query_image_status": _categorical(image_status, QUERY_IMAGE_STATES),
@@ -494,6 +625,14 @@ def query_checks(cfg: ValidationConfig) -> list[Check]:
         Check("missing_query_id", ROW, "query_id_length", "query_id is null or blank",
               lambda E: E.ExpectColumnValuesToBeBetween(column="query_id_length", min_value=1),
               lambda f: f["query_id_length"].to_numpy() < 1),
+        Check("query_id_collision", ROW, "query_id_collision",
+              "no other query_id is the same after NFKC, case folding and stripping",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="query_id_collision", max_value=0),
+              lambda f: f["query_id_collision"].to_numpy() > 0, "query_id_collision_ids", "ids"),
+        Check("query_text_too_long", ROW, "query_text_length",
+              f"query_text has at most {cfg.max_query_chars} characters",
+              lambda E: E.ExpectColumnValuesToBeBetween(column="query_text_length", max_value=cfg.max_query_chars),
+              lambda f: f["query_text_length"].to_numpy() > cfg.max_query_chars),
         Check("bad_query_type", ROW, "query_type", f"query_type is one of {list(QUERY_TYPES)}",
               lambda E: E.ExpectColumnValuesToBeInSet(column="query_type", value_set=list(QUERY_TYPES)),
               lambda f: ~f["query_type"].isin(QUERY_TYPES).to_numpy()),
@@ -501,12 +640,7 @@ def query_checks(cfg: ValidationConfig) -> list[Check]:
               "text and category queries have text, image queries an image, multimodal both (query_type:inputs)",
               lambda E: E.ExpectColumnValuesToBeInSet(column="type_and_inputs", value_set=TYPE_INPUTS),
               lambda f: ~f["type_and_inputs"].isin(TYPE_INPUTS).to_numpy()),
-        Check("query_image_missing", ROW, "query_image_status", "query_image names a file that does not exist",
-              lambda E: E.ExpectColumnValuesToNotBeInSet(column="query_image_status", value_set=[MISSING]),
-              lambda f: (f["query_image_status"] == MISSING).to_numpy()),
-        Check("query_image_undecodable", ROW, "query_image_status", "query_image exists but does not decode",
-              lambda E: E.ExpectColumnValuesToNotBeInSet(column="query_image_status", value_set=[UNDECODABLE]),
-              lambda f: (f["query_image_status"] == UNDECODABLE).to_numpy()),
+        *_image_rules("query_image", "query_image_status"),
         Check("bad_split", ROW, "split", f"split is one of {list(SPLITS)}",
               lambda E: E.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
               lambda f: ~f["split"].isin(SPLITS).to_numpy()),

@@ -48,4 +48,34 @@ class ValidationConfig:
         },
     )
     image_workers: int = field(default=4, metadata={"help": "Threads that read and decode images."})
+    max_image_bytes: int = field(
+        default=50 * 2**20,
+        metadata={"help": "Images over this many bytes are quarantined (image_too_large) without being read."},
+    )
+    max_image_pixels: int = field(
+        default=100_000_000,
+        metadata={
+            "help": "Images over this many pixels (width x height, from the header, before decoding) are "
+            "quarantined (image_too_large): decompression bombs."
+        },
+    )
+    remote_timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds for one gs:// image read, retries included; a timeout, a network or a "
+            "credentials error quarantines the row (image_unreadable_remote)."
+        },
+    )
+    allowed_image_dirs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Folders besides the dataset folder that image paths and symlinks may resolve into "
+            "(e.g. .dvc/cache with DVC's symlink cache); anything else outside it is quarantined "
+            "(image_outside_dataset)."
+        },
+    )
+    max_title_chars: int = field(default=2000, metadata={"help": "Longer titles are quarantined (title_too_long)."})
+    max_query_chars: int = field(
+        default=1000, metadata={"help": "Longer query texts are quarantined (query_text_too_long)."}
+    )
     examples_per_failure: int = field(default=5, metadata={"help": "Example ids kept per failed expectation."})

@@ -28,6 +28,12 @@ filesystem. For a Kubeflow artifact handoff set ``validation.image_root`` to the
 (``gs://.../prepared``): paths become absolute URIs that resolve in any pod. Absolute paths and ``gs://`` URIs
 in the input are kept as they are.
 
+Hostile inputs (issue 14) are row reasons, never a hang or a traceback: image paths that are not regular files,
+over the byte or pixel limits, outside the dataset folder or on an unreachable ``gs://`` (see
+:mod:`moon3.validation.images`); when every ``gs://`` image fails, one blocking ``remote_images_unreadable``
+failure says so. Columns outside the schema are dropped from the accepted tables and reported (an info failure
+``dropped_columns`` naming them, and ``dropped_columns`` in the metrics).
+
 A query whose positive product was quarantined is quarantined too (reason ``positive_product_quarantined``), so
 no accepted query points at a product that is not in the accepted table.
 
@@ -53,7 +59,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from moon3.data.io import is_gcs
+from moon3.data.io import UnreadableFile, is_gcs, join_uri
 from moon3.data.schema import PRODUCTS, QUERIES, SCHEMAS, TRACES, table_path
 from moon3.validation.checks import (
     INFO,
@@ -71,7 +77,7 @@ from moon3.validation.checks import (
     trace_reasons,
 )
 from moon3.validation.config import ValidationConfig
-from moon3.validation.images import check_images
+from moon3.validation.images import REMOTE_ERROR, ImageLimits, check_images
 from moon3.validation.report import render_html, write_json
 
 TABLES = (PRODUCTS, QUERIES)
@@ -169,9 +175,17 @@ def validate(
     t = time.perf_counter()
     uris = arrow[PRODUCTS].column("image").unique().to_pylist()
     uris += [u for u in arrow[QUERIES].column("query_image").unique().to_pylist() if u is not None]
-    images = check_images(uris, src, decode=cfg.check_images, workers=cfg.image_workers, progress=progress)
+    limits = ImageLimits(
+        max_bytes=cfg.max_image_bytes,
+        max_pixels=cfg.max_image_pixels,
+        remote_timeout_s=cfg.remote_timeout_s,
+        allowed_dirs=tuple(cfg.allowed_image_dirs),
+    )
+    images = check_images(uris, src, decode=cfg.check_images, workers=cfg.image_workers, progress=progress,
+                          limits=limits)  # fmt: skip
     run.timings["images"] = time.perf_counter() - t
     run.metrics["images"] = _image_metrics(images)
+    run.check_remote(images)
 
     t = time.perf_counter()
     run.vocabulary = learn_attribute_vocabulary(arrow[PRODUCTS], cfg)
@@ -240,8 +254,24 @@ class _Run:
                 self._fail(table, "schema", err)
             if extra:
                 self.metrics.setdefault("dropped_columns", {})[table] = extra
+                message = (
+                    f"{len(extra)} column{'' if len(extra) == 1 else 's'} not in the {table} schema "
+                    f"{'is' if len(extra) == 1 else 'are'} dropped from the accepted table: {', '.join(extra)}"
+                )
+                self.failures.append(Failure(table, "dropped_columns", "schema", "", INFO, len(extra),
+                                             list(extra), message=message))  # fmt: skip
             tables[table] = arrow
-        return None if self.failures else tables
+        return None if any(f.blocking for f in self.failures) else tables
+
+    def check_remote(self, images: dict) -> None:
+        """One blocking failure when there are ``gs://`` images and not one of them could be read (credentials,
+        network): the rows are quarantined either way, but a whole remote catalog lost is a setup error."""
+        remote = [(uri, c) for uri, c in images.items() if isinstance(uri, str) and is_gcs(uri)]
+        if remote and all(c.status == REMOTE_ERROR for _, c in remote):
+            self._fail("images", "remote_images_unreadable",
+                       f"none of the {len(remote)} gs:// images could be read: {remote[0][1].error}; check "
+                       "credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud auth application-default login) and "
+                       "the network")  # fmt: skip
 
     def check_traces(self, arrow: dict[str, pa.Table]) -> None:
         """Quarantine traces whose item is not an accepted training product or query (see the module docstring)."""
@@ -401,11 +431,19 @@ class _Run:
 
 
 def _rebase_uri(uri: str | None, src: Path, dest: Path, image_root: str) -> str | None:
-    """Where ``uri`` (relative to ``src``) is found from a table written in ``dest``."""
+    """Where ``uri`` (relative to ``src``) is found from a table written in ``dest``.
+
+    Joined to an ``image_root`` the path is normalised (``a/./b`` -> ``a/b``); one that climbs out of it
+    (``../x.png``, only ever in a quarantined row) is kept as the input wrote it, never turned into
+    ``gs://b/run1/prepared/../x.png``.
+    """
     if uri is None or is_gcs(uri) or os.path.isabs(uri):
         return uri
     if image_root:
-        return f"{image_root.rstrip('/')}/{uri}"
+        try:
+            return join_uri(image_root, uri)
+        except UnreadableFile:
+            return uri
     return os.path.relpath(os.path.join(os.path.abspath(src), uri), os.path.abspath(dest))
 
 

@@ -79,6 +79,11 @@ def render_html(
                            f"{m.get('reject_fraction', 0):.3%}"])  # fmt: skip
     if counts:
         parts.append("<h2>Rows</h2>" + html_table(["table", "in", "accepted", "quarantined", "fraction"], counts))
+    dropped = metrics.get("dropped_columns") or {}
+    if dropped:
+        rows = [[table, ", ".join(names)] for table, names in dropped.items()]
+        parts.append("<h2>Dropped columns</h2><p>not part of the schema; left out of the accepted tables</p>"
+                     + html_table(["table", "columns"], rows))  # fmt: skip
     parts.extend(_vocabulary_section(metrics.get("attribute_vocabulary")))
     parts.append("<h2>Failed rules</h2>")
     if failures:

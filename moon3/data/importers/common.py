@@ -340,38 +340,51 @@ _PAIR_SEPARATORS = (",,", ";", "；", "\n", ",", "，")
 _KEY_VALUE = re.compile(r"[:：]")
 
 
+class DuplicateAttributeKeyError(ValueError):
+    """One product names an attribute key twice with different values (``color:red,,color:blue``)."""
+
+
 def parse_attributes(value: Any) -> dict[str, str]:
     """Attribute dict from the forms found in catalogs.
 
     Accepted: a dict; a list of ``{key: value}`` dicts, ``{"name"/"key": k, "value": v}`` dicts or
     ``"key:value"`` strings; a JSON string of those; or plain text ``"k:v,,k:v"`` (MBE style; ``;``, newline
     and ``,`` also separate pairs, ``：`` also separates key and value). List values are joined with ``,``.
+    A key given twice (after stripping) with the same value is kept once; with different values it is an error,
+    not a silent last-one-wins (importers skip such a row as ``unparsable_attributes``, counted in the report).
 
     Raises:
+        DuplicateAttributeKeyError: a key given twice with different values (a ``ValueError``).
         ValueError: the value has none of these forms (bad JSON, a pair without a key:value separator, ...).
     """
     if isinstance(value, dict):
-        return {str(k).strip(): _value_text(v) for k, v in value.items() if str(k).strip()}
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            if str(k).strip():
+                _put(out, str(k).strip(), _value_text(v))
+        return out
     if is_missing(value):
         return {}
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
-        out: dict[str, str] = {}
+        out = {}
         for item in list(value):
             if isinstance(item, tuple) and len(item) == 2:  # an arrow map column reads as (key, value) tuples
-                out[str(item[0]).strip()] = _value_text(item[1])
+                _put(out, str(item[0]).strip(), _value_text(item[1]))
             elif isinstance(item, dict) and {"value"} <= item.keys() and ({"name", "key"} & item.keys()):
-                out[str(item.get("name", item.get("key"))).strip()] = _value_text(item["value"])
+                _put(out, str(item.get("name", item.get("key"))).strip(), _value_text(item["value"]))
             else:
-                out.update(parse_attributes(item))
+                for k, v in parse_attributes(item).items():
+                    _put(out, k, v)
         return out
     if not isinstance(value, str):
         raise ValueError(f"attributes of type {type(value).__name__}")
     text = value.strip()
     if text[0] in "{[":
         try:
-            return parse_attributes(json.loads(text))
+            loaded = json.loads(text, object_pairs_hook=_json_pairs)
         except json.JSONDecodeError as err:
             raise ValueError(f"bad JSON: {err}") from None
+        return parse_attributes(loaded)
     sep = next((s for s in _PAIR_SEPARATORS if s in text), None)
     out = {}
     for piece in text.split(sep) if sep else [text]:
@@ -381,8 +394,21 @@ def parse_attributes(value: Any) -> dict[str, str]:
         parts = _KEY_VALUE.split(piece, maxsplit=1)
         if len(parts) != 2 or not parts[0].strip():
             raise ValueError(f"no key:value in {piece!r}")
-        out[parts[0].strip()] = parts[1].strip()
+        _put(out, parts[0].strip(), parts[1].strip())
     return out
+
+
+def _put(out: dict[str, str], key: str, value: str) -> None:
+    """``out[key] = value``, refusing a second, different value for a key."""
+    if key in out and out[key] != value:
+        raise DuplicateAttributeKeyError(f"duplicate attribute key {key!r} ({out[key]!r}, then {value!r})")
+    out[key] = value
+
+
+def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any] | list[tuple[str, Any]]:
+    """JSON objects keep a repeated key (``{"color": "red", "color": "blue"}``) as pairs, for :func:`_put`."""
+    keys = [k for k, _ in pairs]
+    return pairs if len(set(keys)) != len(keys) else dict(pairs)
 
 
 def _value_text(value: Any) -> str:
