@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -246,3 +247,15 @@ def test_training_on_traces_saves_a_reasoning_model(mini_dataset, tmp_path, monk
     assert summary["trained_with_traces"] is True
     contract, payload = load_contract(tmp_path / "model" / "final")
     assert contract.reasoning and contract.trained_with_traces and payload["training"]["traces"] is True
+
+
+def test_trace_gate_budget_follows_the_backbone_preset():
+    """The gate rejects traces over the budget the model will have: 48 tokens on the tiny backbone, 128 on a real
+    one (the preset), an explicit model.max_trace_tokens in either case."""
+    from moon3.config import load_config
+    from moon3.synthesis.synthesize import _trace_budget
+
+    real = "model.backbone=" + str(Path(__file__).resolve().parents[1] / "moon3/model/real/qwen2_5_vl_3b.json")
+    assert _trace_budget(load_config(None)) == 48
+    assert _trace_budget(load_config(None, [real])) == 128
+    assert _trace_budget(load_config(None, [real, "model.max_trace_tokens=64"])) == 64

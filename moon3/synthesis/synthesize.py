@@ -185,7 +185,7 @@ def synthesize(
     from moon3.synthesis.client import run_teacher_sync
 
     sc = cfg.synthesis
-    budget, min_score = cfg.model.max_trace_tokens, sc.min_grounded_score
+    budget, min_score = _trace_budget(cfg), sc.min_grounded_score
     out = Path(out_dir or sc.out_dir)
     reports = Path(report_dir or sc.report_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -393,3 +393,13 @@ def _pre(trace: str | None) -> str:
 
 def _number(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def _trace_budget(cfg: Any) -> int:
+    """The trace budget the model will have: ``model.max_trace_tokens`` after the backbone preset is applied
+    (48 on the tiny backbone, 128 on a real one unless set explicitly)."""
+    from moon3.model.backbone import backbone_config_of
+    from moon3.model.presets import resolve
+
+    return resolve(cfg.model, backbone_config_of(cfg.model)).max_trace_tokens
+
