@@ -31,3 +31,18 @@ def mini_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mbe3-mini")
     make_sample(DataConfig(n_products=200, n_queries=200, seed=0), root, progress=False)
     return root
+
+
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a training subprocess: no inherited rank variables, MLflow in ``tmp_path``, DeepSpeed on
+    CPU with a cached extensions folder, one OpenMP thread."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db",
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(repo / ".venv" / "torch_extensions")),
+    )
+    return env

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 from PIL import Image
 
 from moon3.model import contract as C
@@ -28,15 +28,7 @@ REAL = REPO / "moon3" / "model" / "real"
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db",
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions")),
-    )
-    return env
+    return subprocess_env(tmp_path)
 
 
 # --- moon3 model plan: the 3B numbers by hand ---------------------------------------------------------------------

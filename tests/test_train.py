@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 from safetensors.torch import load_file
 
 from moon3.config import load_config
@@ -35,15 +36,7 @@ FAST = [
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(
-        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlruns.db",
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions")),
-    )
-    return env
+    return subprocess_env(tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Retry timing for HTTP clients: full-jitter exponential backoff and ``Retry-After`` parsing.
 
-Used by ``moon3 data fetch-images``; ``moon3/synthesis/client.py`` and ``openai_teacher.py`` hold the same two
-functions (``backoff_delay``, ``_retry_after_s``) and can switch to these without a change in behaviour.
+The one definition for every client that retries: the synthesis client and its OpenAI teacher, and
+``moon3 data fetch-images``.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
+from moon3.common.retry import backoff_delay
 from moon3.synthesis.cache import TraceCache, canonical_json
 from moon3.synthesis.teacher import SynthesisItem, Teacher, TeacherError
 
@@ -56,19 +57,6 @@ class _Result:
     error: str | None
     attempts: int
     cached: bool
-
-
-def backoff_delay(
-    attempt: int, base_s: float, max_s: float, retry_after: float | None = None, rng: random.Random | None = None
-) -> float:
-    """Seconds to wait before retry number ``attempt`` (1-based).
-
-    The server's ``Retry-After`` wins when given (it knows its load), capped by ``max_s``; otherwise full
-    jitter: uniform in [0, min(max_s, base_s * 2**(attempt - 1))], which spreads retries of a burst apart.
-    """
-    if retry_after is not None:
-        return min(max(retry_after, 0.0), max_s)
-    return (rng or random).uniform(0.0, min(max_s, base_s * 2 ** (attempt - 1)))
 
 
 def _one_line(exc: BaseException) -> str:

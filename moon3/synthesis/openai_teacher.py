@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import io
 import json
 import os
-import time
 from typing import Any
 
 import aiohttp
 
+from moon3.common.retry import retry_after_s
 from moon3.data.io import load_image
 from moon3.synthesis.teacher import TRACE_INSTRUCTION, SynthesisItem, TeacherError, prompt_hash_of
 
@@ -30,20 +29,6 @@ SYSTEM_PROMPT = (
     "You are a product-search annotator. You describe only what the given product or query shows: its image "
     "and its text. You never guess facts that are not visible or written."
 )
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: either a number or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        return max(email.utils.parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
-    except (TypeError, ValueError):
-        return None
 
 
 def strip_think(text: str) -> str:
@@ -141,7 +126,7 @@ class OpenAITeacher:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TeacherError(f"{type(exc).__name__} calling {self.url}", retryable=True) from None
         if status == 429 or status >= 500:
-            raise TeacherError(f"HTTP {status} from {self.url}", True, _retry_after_s(retry_after))
+            raise TeacherError(f"HTTP {status} from {self.url}", True, retry_after_s(retry_after))
         if status >= 400:
             raise TeacherError(f"HTTP {status} {reason} from {self.url}{_error_code(data)}")
         try:

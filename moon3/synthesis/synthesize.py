@@ -402,4 +402,3 @@ def _trace_budget(cfg: Any) -> int:
     from moon3.model.presets import resolve
 
     return resolve(cfg.model, backbone_config_of(cfg.model)).max_trace_tokens
-
