@@ -452,6 +452,7 @@ def test_mlflow_model_uri_resolves_to_the_model_folder(model_dir, tmp_path, monk
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    mlflow.set_experiment("serve-resolve")  # not an experiment id an earlier test left active in another store
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(model_dir), "model")
     local = resolve_model_uri(f"runs:/{run.info.run_id}/model", dst=tmp_path / "dl")
@@ -699,8 +700,10 @@ def test_deploy_component_renders_and_applies(tmp_path, monkeypatch):
     from kfp import compiler
 
     import moon3.serve.deploy as deploy_mod
-    from components.deploy.component import deploy
+    from moon3.pipelines.compile import REPO, load_module
     from moon3.pipelines.params import pipeline_params
+
+    deploy = load_module(REPO / "components" / "deploy" / "component.py").deploy  # as the pipeline loads components
 
     api = FakeCustomObjectsApi()
     monkeypatch.setattr(deploy_mod, "make_api", lambda context=None: api)
