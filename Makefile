@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run ablate test lint bench clean
+.PHONY: install run ablate test lint bench clean gate promote
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,24 @@ ablate: install
 
 test: install
 	$(BIN)/pytest -q tests
+
+# CI-gated promotion (.github/workflows/promote.yml; MLflow from MLFLOW_TRACKING_URI). `gate`: reproduce, diff the
+# metrics against BASE_REV, register the model as challenger and run the gate without moving champion; the tables
+# land in reports/ for the pull request comment. `promote`: register and move champion if the gate passes.
+MODEL ?= models/rl/final
+BASE_REV ?= main
+PIPELINE_RUN_ID ?= local
+
+gate: install
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics diff $(BASE_REV) --md > reports/metrics_diff.md
+	$(BIN)/moon3 register $(MODEL) --pipeline-run-id $(PIPELINE_RUN_ID)
+	$(BIN)/moon3 promote --dry-run --table reports/gate.md
+
+promote: install
+	$(BIN)/dvc repro
+	$(BIN)/moon3 register $(MODEL) --pipeline-run-id $(PIPELINE_RUN_ID)
+	$(BIN)/moon3 promote --table reports/gate.md
 
 lint: install
 	$(BIN)/ruff check .

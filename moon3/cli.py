@@ -489,11 +489,14 @@ def summary_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None
         typer.echo(f"validation: {'passed' if v.get('passed') else 'FAILED'} ({counts})")
     if "train" in loaded:
         t = loaded["train"]
+
+        def number(key: str) -> str:  # a metric a run could not measure is absent (listed under `skipped`)
+            return f"{t[key]:.3f}" if isinstance(t.get(key), int | float) else "not measured"
+
         typer.echo(
-            f"pretrain: {t['steps']} steps, final InfoNCE {t['final_infonce']:.3f}, "
-            f"{t['pairs_per_second']:.1f} pairs/s, "
-            f"held-out text R@10 {t.get('heldout_text_recall_at_10_init', float('nan')):.3f} -> "
-            f"{t.get('heldout_text_recall_at_10', float('nan')):.3f}"
+            f"pretrain: {t.get('steps', '?')} steps, final InfoNCE {number('final_infonce')}, "
+            f"{t.get('pairs_per_second', 0.0):.1f} pairs/s, held-out text R@10 "
+            f"{number('heldout_text_recall_at_10_init')} -> {number('heldout_text_recall_at_10')}"
         )
     if "eval" in loaded:
         typer.echo("\n" + main_table_markdown(loaded["eval"]))
@@ -508,6 +511,7 @@ def summary_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None
 def _register_stage_commands() -> None:
     from moon3.data.cli import register as register_data
     from moon3.model.cli import register as register_model
+    from moon3.registry.cli import register as register_registry
     from moon3.rl.cli import register as register_rl
     from moon3.serve.cli import register as register_serve
     from moon3.synthesis.cli import register as register_synthesis
@@ -517,6 +521,7 @@ def _register_stage_commands() -> None:
     register_rl(train_app)
     register_model(app)
     register_serve(app)
+    register_registry(app)
 
 
 _register_stage_commands()

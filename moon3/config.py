@@ -24,6 +24,7 @@ from moon3.data.config import DataConfig
 from moon3.eval.config import EvalConfig
 from moon3.model.config import ModelConfig
 from moon3.pipelines.config import PipelineConfig
+from moon3.registry.config import PromotionConfig
 from moon3.rl.grpo_config import RLConfig
 from moon3.serve.config import SERVE_RANGES, ServeConfig
 from moon3.synthesis.config import SynthesisConfig
@@ -52,6 +53,9 @@ class Moon3Config:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "MBE3.0-style evaluation."})
     serve: ServeConfig = field(default_factory=ServeConfig, metadata={"help": "KServe serving and deployment."})
     pipeline: PipelineConfig = field(default_factory=PipelineConfig, metadata={"help": "Kubeflow pipeline."})
+    promotion: PromotionConfig = field(
+        default_factory=PromotionConfig, metadata={"help": "Model registry and CI-gated promotion."}
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict, the shape of ``params.yaml``."""

@@ -1,1 +1,1 @@
-"""moon3.registry: MLflow model registry and CI-gated promotion. Not built yet (an empty placeholder)."""
+"""moon3.registry: MLflow Model Registry and CI-gated promotion (register, promote, rollback)."""
