@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -46,3 +48,46 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
         TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(repo / ".venv" / "torch_extensions")),
     )
     return env
+
+
+@contextmanager
+def mlflow_server_at(root: Path, serve_artifacts: bool = False) -> Iterator[str]:
+    """A real MLflow tracking server on a free loopback port with a sqlite store under ``root``; yields its URL.
+
+    Args:
+        root: folder for the store and the artifacts.
+        serve_artifacts: the server stores and serves artifacts itself (``--artifacts-destination``, what the
+            registry needs); else clients write to a local artifact root.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    artifacts = ["--artifacts-destination" if serve_artifacts else "--default-artifact-root", str(root / "art")]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/server.db", *artifacts],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        server.kill()
+        pytest.fail("mlflow server did not start within 120 s")
+    try:
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -547,8 +547,7 @@ def test_rl_step_resumes_on_the_scratch_volume(tmp_path, monkeypatch, mini_datas
 
     calls = []
 
-    def fake_train_rl(cfg, data_dir, init_dir=None, out_dir=None, report_dir=None, resume=False, progress=True,
-                      max_steps=None):  # fmt: skip
+    def fake_train_rl(cfg, data_dir, init_dir=None, out_dir=None, report_dir=None, resume=False, progress=True):
         calls.append({"cfg": cfg, "data_dir": data_dir, "init_dir": init_dir, "out_dir": Path(out_dir),
                       "report_dir": Path(report_dir), "resume": resume, "progress": progress})  # fmt: skip
         (Path(out_dir) / "final").mkdir(parents=True)

@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
+from conftest import mlflow_server_at
 
 from moon3.config import load_config
 from moon3.model.contract import ContractError
@@ -30,30 +29,8 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def mlflow_url(tmp_path_factory):
     """A real MLflow server on a free loopback port: sqlite store, artifacts served by the server."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "art")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not start within 120 s")
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    with mlflow_server_at(tmp_path_factory.mktemp("mlflow-server"), serve_artifacts=True) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import mlflow_server_at, subprocess_env
 from safetensors.torch import load_file
 
 from moon3.config import load_config
@@ -169,32 +168,8 @@ def test_deepspeed_zero2_two_cpu_ranks_save_and_resume(mini_dataset, init_model,
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real MLflow tracking server on loopback (sqlite store, local artifact root)."""
-    import socket
-    import urllib.request
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "art")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not start within 120 s")
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    with mlflow_server_at(tmp_path) as url:
+        yield url
 
 
 def test_training_is_tracked_in_a_real_mlflow_server(mini_dataset, init_model, tmp_path, mlflow_server):

@@ -10,6 +10,7 @@ not exist is reported as not evaluated rather than failing the stage, except the
 
 from __future__ import annotations
 
+import filecmp
 import gc
 import tempfile
 from pathlib import Path
@@ -184,7 +185,8 @@ def _same_weights(a: str, b: str) -> bool:
     if is_gcs(a) or is_gcs(b):
         return False
     files = [HEADS_FILE, f"{BACKBONE_DIR}/model.safetensors"]
+    # filecmp compares sizes first, then streams: a multi-GB backbone is never read into memory at once.
     return all(
-        (Path(a) / f).is_file() and (Path(b) / f).is_file() and (Path(a) / f).read_bytes() == (Path(b) / f).read_bytes()
+        (Path(a) / f).is_file() and (Path(b) / f).is_file() and filecmp.cmp(Path(a) / f, Path(b) / f, shallow=False)
         for f in files
     )

@@ -27,6 +27,7 @@ import torch
 
 from moon3.config import Moon3Config
 
+# Written last into a checkpoint folder (by the trainer): only a folder holding it is complete enough to resume.
 COMPLETE_MARKER = "moon3_complete"
 
 
@@ -61,17 +62,11 @@ def rl_dataset(data: Any, contract: Any):
     return Dataset.from_list(rows, features=features)
 
 
-def _callbacks(trainer_box: list, tracker: Any, history: list[dict[str, float]], progress: bool):
+def _callbacks(tracker: Any, history: list[dict[str, float]]):
     from transformers import TrainerCallback
 
     class Moon3Callback(TrainerCallback):
-        """Completes checkpoints (heads, then the marker), logs to MLflow/dvclive, keeps the per-step history."""
-
-        def on_save(self, args, state, control, **kwargs):
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir() and state.is_world_process_zero:
-                trainer_box[0].save_heads(folder)
-                (folder / COMPLETE_MARKER).write_text(json.dumps({"step": state.global_step}) + "\n")
+        """Logs to MLflow/dvclive and keeps the per-step history."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
@@ -91,7 +86,6 @@ def train_rl(
     report_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    max_steps: int | None = None,
 ) -> dict[str, Any]:
     """Run GRPO fine-tuning; see the module docstring for what is written where.
 
@@ -103,8 +97,6 @@ def train_rl(
         report_dir: default ``rl.report_dir``.
         resume: continue from the latest complete checkpoint (fresh start if none).
         progress: show TRL's progress bar.
-        max_steps: stop after this many steps of *this* invocation (tests use it to interrupt a run); the
-            schedule still spans ``rl.steps``.
 
     Returns:
         The summary written to ``rl_metrics.json``.
@@ -124,7 +116,7 @@ def train_rl(
     if rc.torch_threads > 0:
         torch.set_num_threads(rc.torch_threads)
     torch.manual_seed(rc.seed)
-    summary = _run(cfg, embedder, data_dir, init, out, reports, resume, progress, max_steps, start_record)
+    summary = _run(cfg, embedder, data_dir, init, out, reports, resume, progress, start_record)
     return summary
 
 
@@ -145,7 +137,7 @@ def _skip(init: Path, out: Path, reports: Path, why: str, start_record: dict) ->
     return summary
 
 
-def _run(cfg, embedder, data_dir, init, out, reports, resume, progress, max_steps, start_record) -> dict[str, Any]:
+def _run(cfg, embedder, data_dir, init, out, reports, resume, progress, start_record) -> dict[str, Any]:
     from trl import GRPOConfig
 
     from moon3.model import contract as C
@@ -158,7 +150,6 @@ def _run(cfg, embedder, data_dir, init, out, reports, resume, progress, max_step
     budget = embedder.contract.max_trace_tokens
     group = rc.queries_per_step * rc.num_generations
     use_cuda = torch.cuda.is_available()
-    end_step = rc.steps if max_steps is None else max_steps
     args = GRPOConfig(
         output_dir=str(out / "checkpoints"),
         max_steps=rc.steps,
@@ -209,23 +200,10 @@ def _run(cfg, embedder, data_dir, init, out, reports, resume, progress, max_step
     tracker = Tracker(True, rc.mlflow_experiment, "rl", reports / "dvclive", cfg.to_dict(), run_id)
     state_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id}) + "\n")
     history: list[dict[str, float]] = []
-    box: list = []
     trainer = Moon3GRPOTrainer(
         embedder, data, rc, args=args, train_dataset=rl_dataset(data, embedder.contract),
-        callbacks=_callbacks(box, tracker, history, progress), peft_config=peft_config,
+        callbacks=_callbacks(tracker, history), peft_config=peft_config,
     )  # fmt: skip
-    box.append(trainer)
-    if max_steps is not None:
-        # Stop early but keep the schedule of the full run (the fault test resumes from here).
-        from transformers import TrainerCallback
-
-        class StopAt(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step >= end_step:
-                    control.should_training_stop = True
-                    control.should_save = True
-
-        trainer.add_callback(StopAt())
     t0 = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

@@ -26,6 +26,7 @@ What moon3 adds (this subclass):
 from __future__ import annotations
 
 import copy
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -40,6 +41,7 @@ from trl import GRPOTrainer
 from moon3.model import contract as C
 from moon3.model.contract import ContractError
 from moon3.model.fire import FIRE
+from moon3.rl.finetune import COMPLETE_MARKER
 from moon3.rl.grpo_config import RLConfig
 from moon3.rl.rewards import format_reward, length_reward, rank_reward
 from moon3.train.data import PairData
@@ -93,8 +95,9 @@ class Moon3GRPOTrainer(GRPOTrainer):
         self.data = data
         self.rl = rl
         self.end_id = embedder.token_ids[C.THINK_END]
-        self._step_products: dict[int, list[int]] = {}  # query row -> product rows ranked against it this step
-        self._product_traces: dict[int, list[int]] = {}  # product row -> its greedy trace ids this step
+        # Set by the step's rank reward, read by the InfoNCE anchor of its micro-batches (one generation per step).
+        self._step_products: list[int] = []  # product rows every query of the step is ranked against
+        self._product_traces: list[list[int]] | None = None  # their greedy trace ids (None: reasoning off)
         processor = embedder.processor
         processor.chat_template = RL_CHAT_TEMPLATE
         processor.tokenizer.chat_template = RL_CHAT_TEMPLATE
@@ -148,12 +151,17 @@ class Moon3GRPOTrainer(GRPOTrainer):
 
     # --- checkpoints ------------------------------------------------------------------------------------------
 
-    def save_heads(self, folder: str | Path) -> None:
-        """Write the moon3 heads beside a TRL checkpoint (a LoRA checkpoint holds only the adapters)."""
+    def _save_checkpoint(self, model, trial):
+        # TRL's checkpoint, then the moon3 heads (a LoRA checkpoint holds only the adapters), then the marker.
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
         heads = getattr(self.accelerator.unwrap_model(self.embedder.backbone), HEADS_ATTR, None)
         heads = heads if heads is not None else nn.ModuleDict()
         state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
-        save_file(state, str(Path(folder) / HEADS_CHECKPOINT_FILE))
+        save_file(state, str(folder / HEADS_CHECKPOINT_FILE))
+        (folder / COMPLETE_MARKER).write_text(json.dumps({"step": self.state.global_step}) + "\n")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # transformers 5 saves Qwen-VL weights under the original checkpoint key names (``visual.*``,
@@ -225,52 +233,44 @@ class Moon3GRPOTrainer(GRPOTrainer):
     def _products_for(self, query_rows: list[int]) -> list[int]:
         """The step's products: each distinct query's positive, then its hard negatives (one copy of each)."""
         rng = np.random.default_rng([self.rl.seed, int(self.state.global_step), 17])
-        positives = [int(self.data.positive_rows[q]) for q in query_rows]
+        positives = list(dict.fromkeys(int(self.data.positive_rows[q]) for q in query_rows))
         taken = set(positives)
-        negatives: list[int] = []
-        for q in query_rows:
-            picked = 0
-            relevant = set()
-            if self.data.category_level[q] >= 0:
-                everything = np.arange(len(self.data.products))
-                relevant = set(np.flatnonzero(self.data.relevant(np.array([q]), everything)[0]).tolist())
-            for candidate in self.data.hard_negative_pool(q, rng, self.rl.hard_negative_mode):
-                if picked == self.rl.hard_negatives_per_query:
-                    break
-                if int(candidate) not in taken and int(candidate) not in relevant:
-                    taken.add(int(candidate))
-                    negatives.append(int(candidate))
-                    picked += 1
-        return list(dict.fromkeys(positives)) + negatives
+        negatives = [n for q in query_rows for n in self.data.pick_hard_negatives(
+            q, rng, self.rl.hard_negative_mode, self.rl.hard_negatives_per_query, taken)]  # fmt: skip
+        return positives + negatives
+
+    def _embed(self, items: list[dict[str, Any]], traces: list | None) -> torch.Tensor:
+        """Embeddings of items after the given traces (inputs, not targets: no trace loss)."""
+        batch = self.embedder.prepare_batch(items, traces)
+        batch["labels"] = None
+        return self.embedder(batch).embeddings
+
+    def _product_items(self, product_rows: list[int]) -> list[dict[str, Any]]:
+        from moon3.model.items import product_item
+
+        return [product_item(self.data.products.iloc[p], self.data.root) for p in product_rows]
 
     @torch.no_grad()
     def _product_embeddings(self, product_rows: list[int]) -> torch.Tensor:
         """Each product embedded after its own greedy trace (the evaluation's form); traces kept for the anchor."""
-        from moon3.model.items import product_item
-
-        items = [product_item(self.data.products.iloc[p], self.data.root) for p in product_rows]
+        items = self._product_items(product_rows)
         traces = self.embedder.generate_traces(items, return_ids=True) if self.embedder.contract.reasoning else None
-        self._product_traces = {p: t for p, t in zip(product_rows, traces or [[]] * len(items), strict=True)}
-        batch = self.embedder.prepare_batch(items, traces)
-        batch["labels"] = None
-        return self.embedder(batch).embeddings
+        self._product_traces = traces
+        return self._embed(items, traces)
 
     def _query_embeddings(self, query_rows: list[int], completion_ids: list[list[int]]) -> torch.Tensor:
         from moon3.model.items import query_item
 
         items = [query_item(self.data.queries.iloc[q], self.data.root) for q in query_rows]
-        batch = self.embedder.prepare_batch(items, [list(c) for c in completion_ids])
-        batch["labels"] = None
-        return self.embedder(batch).embeddings
+        return self._embed(items, [list(c) for c in completion_ids])
 
-    def _scores(self, query_rows: list[int], queries: torch.Tensor, products: torch.Tensor, product_rows: list[int]):
-        """Similarities with the other products that also answer a category query masked out; positive columns."""
-        scores = queries @ products.T
-        relevant = torch.as_tensor(self.data.relevant(np.array(query_rows), np.array(product_rows)))
+    def _relevant(self, query_rows: list[int], product_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(positives, relevant)``: each query's positive column, and (Q, N) True where another product also
+        answers it (every product under a category query's category): never counted as its competitor."""
         position = {p: j for j, p in enumerate(product_rows)}
         positives = torch.tensor([position[int(self.data.positive_rows[q])] for q in query_rows])
-        own = torch.nn.functional.one_hot(positives, len(product_rows)).bool()
-        return scores.masked_fill((relevant & ~own).to(scores.device), float("-inf")), positives
+        relevant = torch.as_tensor(self.data.relevant(np.array(query_rows), np.array(product_rows)))
+        return positives, relevant & ~torch.nn.functional.one_hot(positives, len(product_rows)).bool()
 
     def r_rank(self, prompts, completions, completion_ids, query_row, **_: Any) -> list[float]:
         """``1 - log(rank)/log(N)`` of each query's positive among the step's N products, after its trace."""
@@ -282,13 +282,12 @@ class Moon3GRPOTrainer(GRPOTrainer):
 
     def _rank_rewards(self, completion_ids, query_row) -> list[float]:
         rows = [int(q) for q in query_row]
-        distinct = list(dict.fromkeys(rows))
-        product_rows = self._products_for(distinct)
-        self._step_products = {q: product_rows for q in distinct}
+        self._step_products = self._products_for(list(dict.fromkeys(rows)))
         with torch.no_grad():
-            products = self._product_embeddings(product_rows)
+            products = self._product_embeddings(self._step_products)
             queries = self._query_embeddings(rows, completion_ids)
-        scores, positives = self._scores(rows, queries, products, product_rows)
+        positives, relevant = self._relevant(rows, self._step_products)
+        scores = (queries @ products.T).masked_fill(relevant.to(queries.device), float("-inf"))
         return rank_reward(scores.float().cpu(), positives).tolist()
 
     def r_format(self, prompts, completions, completion_ids, **_: Any) -> list[float]:
@@ -326,25 +325,18 @@ class Moon3GRPOTrainer(GRPOTrainer):
         return loss
 
     def _infonce(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """InfoNCE between the micro-batch's post-trace queries (with gradient) and their products."""
-        from moon3.model.items import product_item
-
+        """InfoNCE between the micro-batch's post-trace queries and the step's products (both with gradient;
+        each product after the greedy trace the reward embedded it with)."""
         rows = inputs["moon3_query_row"].tolist()
         mask = inputs["completion_mask"].bool()
         completions = [ids[m].tolist() for ids, m in zip(inputs["completion_ids"], mask, strict=True)]
-        product_rows = list(dict.fromkeys(p for q in dict.fromkeys(rows) for p in self._step_products.get(q, [])))
-        product_rows = product_rows or list(dict.fromkeys(int(self.data.positive_rows[q]) for q in rows))
-        items = [product_item(self.data.products.iloc[p], self.data.root) for p in product_rows]
-        traces = [self._product_traces.get(p) or None for p in product_rows]
-        batch = self.embedder.prepare_batch(items, traces if self.embedder.contract.reasoning else None)
-        batch["labels"] = None
-        products = self.embedder(batch).embeddings
+        products = self._embed(self._product_items(self._step_products), self._product_traces)
         queries = self._query_embeddings(rows, completions)
-        scores_mask, positives = self._scores(rows, queries.detach(), products.detach(), product_rows)
-        relevant = torch.isinf(scores_mask) & ~torch.nn.functional.one_hot(positives, len(product_rows)).bool()
-        ids = torch.arange(len(product_rows))
-        tau = torch.tensor(self.rl.infonce_temperature, device=queries.device)
-        return contrastive_loss(queries, products, positives.to(queries.device), ids.to(queries.device), tau, relevant)
+        positives, relevant = self._relevant(rows, self._step_products)
+        device = queries.device
+        ids = torch.arange(len(self._step_products), device=device)
+        tau = torch.tensor(self.rl.infonce_temperature, device=device)
+        return contrastive_loss(queries, products, positives.to(device), ids, tau, relevant.to(device))
 
 
 def _item_of(prompt: list[dict[str, Any]]) -> dict[str, Any]:

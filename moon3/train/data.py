@@ -158,6 +158,36 @@ class PairData:
         order = np.lexsort((rng.random(len(other)), -shared))
         return other[order]
 
+    def pick_hard_negatives(
+        self, query_row: int, rng: np.random.Generator, mode: str, count: int, taken: set[int], top_up: bool = False
+    ) -> list[int]:
+        """Up to ``count`` hard negatives of a query from :meth:`hard_negative_pool`, skipping products in
+        ``taken`` (which the picks join) and, for a category query, every product its category also covers.
+
+        Args:
+            query_row: the query.
+            rng: the step's generator.
+            mode: see :meth:`hard_negative_pool`.
+            count: how many to pick.
+            taken: products already in the batch; updated in place.
+            top_up: after the pool, draw from the whole catalog (so exactly ``count`` come back).
+        """
+        pool = self.hard_negative_pool(query_row, rng, mode)
+        if top_up:
+            pool = np.concatenate([pool, rng.permutation(len(self.products))])
+        relevant: set[int] = set()
+        if self.category_level[query_row] >= 0:
+            everything = np.arange(len(self.products))
+            relevant = set(np.flatnonzero(self.relevant(np.array([query_row]), everything)[0]).tolist())
+        picked: list[int] = []
+        for candidate in pool:
+            if len(picked) == count:
+                break
+            if int(candidate) not in taken and int(candidate) not in relevant:
+                taken.add(int(candidate))
+                picked.append(int(candidate))
+        return picked
+
     def _load_traces(self) -> tuple[dict[str, str], dict[str, str]]:
         """``(product_id -> trace, query_id -> trace)`` from ``traces_dir/traces.parquet`` (empty without one)."""
         if self.traces_dir is None or not table_path(self.traces_dir, TRACES).exists():
@@ -221,26 +251,14 @@ class HardNegativeSampler:
         rng = np.random.default_rng([self.seed, step, 1_000_003])
         taken = set(positives.tolist())
         negatives_per_rank: list[list[int]] = [[] for _ in range(self.world_size)]
-        n_products = len(self.data.products)
         for i, query in enumerate(queries):
             if self.hard_negatives == 0:
                 break
-            pool = self.data.hard_negative_pool(int(query), rng, self.mode)
-            # Only a category query has other relevant products (its pool already leaves them out; the top-up
-            # below must too).
-            relevant = set()
-            if self.data.category_level[query] >= 0:
-                relevant = set(np.flatnonzero(self.data.relevant(np.array([query]), np.arange(n_products))[0]).tolist())
-            picked = 0
-            # The pool first; a too-small pool is topped up from the whole catalog so every rank holds the same
-            # number of products (all_gather needs equal shapes).
-            for candidate in np.concatenate([pool, rng.permutation(n_products)]):
-                if picked == self.hard_negatives:
-                    break
-                if int(candidate) not in taken and int(candidate) not in relevant:  # one copy per global batch
-                    taken.add(int(candidate))
-                    negatives_per_rank[i // self.batch_size].append(int(candidate))
-                    picked += 1
+            # Topped up from the whole catalog so every rank holds the same number of products (all_gather
+            # needs equal shapes); `taken` keeps one copy of each product per global batch.
+            negatives_per_rank[i // self.batch_size] += self.data.pick_hard_negatives(
+                int(query), rng, self.mode, self.hard_negatives, taken, top_up=True
+            )
         shard = slice(rank * self.batch_size, (rank + 1) * self.batch_size)
         return PairBatch(
             query_rows=queries[shard],
