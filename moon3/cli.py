@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from moon3.common.cli import ParamsOpt, SetOpt, config_or_exit, console, out, print_json
-from moon3.config import Moon3Config, help_table
+from moon3.config import help_table
 
 
 class Moon3App(typer.Typer):
@@ -303,93 +303,6 @@ def embed_cmd(
     console.print(f"wrote {path}")
 
 
-# --- pipeline (Kubeflow) -------------------------------------------------------------------------------------
-pipeline_app = typer.Typer(help="Compile, upload and run the Kubeflow training pipeline.", no_args_is_help=True)
-app.add_typer(pipeline_app, name="pipeline")
-
-HostOpt = typer.Option(..., "--host", help="KFP API server URL, e.g. https://kubeflow.example.com/pipeline.")
-NamespaceOpt = typer.Option(None, "--namespace", help="Kubeflow profile namespace (multi-user clusters).")
-
-
-def _compile(params: Path, overrides: list[str] | None, out: Path | None = None) -> tuple[Moon3Config, Path, str]:
-    from moon3.pipelines.compile import compile_pipeline, pipeline_version
-
-    cfg = config_or_exit(params, overrides)
-    version = pipeline_version()
-    try:
-        path = compile_pipeline(cfg, out, version=version)
-    except (ValueError, FileNotFoundError) as err:
-        console.print(f"[red]compile failed:[/red] {err}")
-        raise typer.Exit(2) from None
-    console.print(f"compiled {cfg.pipeline.name} {version} -> {path}")
-    return cfg, path, version
-
-
-@pipeline_app.command("compile")
-def pipeline_compile(
-    params: Path = ParamsOpt,
-    overrides: list[str] = SetOpt,
-    out: Path = typer.Option(None, "--out", help="Output YAML (default: pipelines/compiled/<pipeline.name>.yaml)."),
-) -> None:
-    """Compile the training pipeline (version = package version + git short sha, in its metadata)."""
-    _compile(params, overrides, out)
-
-
-@pipeline_app.command("upload")
-def pipeline_upload(
-    host: str = HostOpt,
-    params: Path = ParamsOpt,
-    overrides: list[str] = SetOpt,
-    namespace: str = NamespaceOpt,
-    version_name: str = typer.Option(None, help="Name of the new version (default: the compiled version)."),
-) -> None:
-    """Compile, then upload as a new version of the pipeline (creating the pipeline on its first upload)."""
-    import tempfile
-
-    from moon3.pipelines import client as kfp_client
-
-    # The server keeps the uploaded YAML; compiling to a temp folder leaves the committed file alone.
-    cfg, path, version = _compile(params, overrides, Path(tempfile.mkdtemp()) / "pipeline.yaml")
-    try:
-        result = kfp_client.upload(kfp_client.make_client(host, namespace), path, cfg.pipeline.name,
-                                   version_name or version, description=f"moon3 {version}")  # fmt: skip
-    except ValueError as err:
-        console.print(f"[red]upload failed:[/red] {err}")
-        raise typer.Exit(1) from None
-    print_json(vars(result))
-
-
-@pipeline_app.command("run")
-def pipeline_run(
-    host: str = HostOpt,
-    params: Path = ParamsOpt,
-    overrides: list[str] = SetOpt,
-    namespace: str = NamespaceOpt,
-    dataset_uri: str = typer.Option("", help="Import this dataset folder URI instead of running prepare."),
-    experiment: str = typer.Option("moon3", help="KFP experiment (created if missing)."),
-    run_name: str = typer.Option(None, help="Run name (default: the pipeline name)."),
-    package: Path = typer.Option(None, help="Run this compiled YAML instead of the latest uploaded version."),
-) -> None:
-    """Start a run with this params file as `params` and the --set values as `overrides`."""
-    from moon3.pipelines import client as kfp_client
-    from moon3.pipelines.params import pipeline_params
-
-    compile_time = [o for o in overrides or [] if o.strip().startswith("pipeline.")]
-    if compile_time:
-        console.print(f"[red]run:[/red] {compile_time[0]} is fixed at compile time: use `moon3 pipeline upload`")
-        raise typer.Exit(2)
-    cfg = config_or_exit(params, overrides)  # checks every key before anything reaches the server
-    arguments = {"params": pipeline_params(config_or_exit(params, None)), "overrides": list(overrides or []),
-                 "dataset_uri": dataset_uri}  # fmt: skip
-    try:
-        result = kfp_client.run(kfp_client.make_client(host, namespace), arguments, experiment=experiment,
-                                run_name=run_name, pipeline_name=cfg.pipeline.name, package=package)  # fmt: skip
-    except ValueError as err:
-        console.print(f"[red]run failed:[/red] {err}")
-        raise typer.Exit(1) from None
-    print_json(vars(result))
-
-
 # --- validate ------------------------------------------------------------------------------------------------
 @app.command("validate")
 def validate_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None:
@@ -493,9 +406,11 @@ def summary_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None
         def number(key: str) -> str:  # a metric a run could not measure is absent (listed under `skipped`)
             return f"{t[key]:.3f}" if isinstance(t.get(key), int | float) else "not measured"
 
+        run_file = Path(cfg.train.report_dir) / "run.json"  # wall-clock numbers, kept out of the DVC outputs
+        speed = json.loads(run_file.read_text()).get("pairs_per_second") if run_file.exists() else None
         typer.echo(
             f"pretrain: {t.get('steps', '?')} steps, final InfoNCE {number('final_infonce')}, "
-            f"{t.get('pairs_per_second', 0.0):.1f} pairs/s, held-out text R@10 "
+            f"{f'{speed:.1f}' if isinstance(speed, int | float) else 'unknown'} pairs/s, held-out text R@10 "
             f"{number('heldout_text_recall_at_10_init')} -> {number('heldout_text_recall_at_10')}"
         )
     if "eval" in loaded:
@@ -511,6 +426,7 @@ def summary_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None
 def _register_stage_commands() -> None:
     from moon3.data.cli import register as register_data
     from moon3.model.cli import register as register_model
+    from moon3.pipelines.cli import register as register_pipeline
     from moon3.registry.cli import register as register_registry
     from moon3.rl.cli import register as register_rl
     from moon3.serve.cli import register as register_serve
@@ -522,6 +438,7 @@ def _register_stage_commands() -> None:
     register_model(app)
     register_serve(app)
     register_registry(app)
+    register_pipeline(app)
 
 
 _register_stage_commands()

@@ -1,9 +1,6 @@
-"""Kubeflow pipeline: compiled YAML (placement, version, params defaults), TrainJob manifest, KFP client calls,
-the CLI, and whole-pipeline runs with ``kfp.local`` (subprocesses, no Docker).
-
-What cannot run here is faked, and only that: no Kubernetes API server exists (the TrainJob is checked as a
-manifest and against a fake ``CustomObjectsApi``) and no KFP API server can run (upload/run are checked against a
-fake ``kfp.Client`` that records the calls).
+"""Kubeflow pipeline: compiled YAML (placement, version, params defaults), launch commands, and whole-pipeline
+runs with ``kfp.local`` (subprocesses, no Docker). The TrainJob, the KFP client calls and the ``moon3 pipeline``
+CLI are in ``test_pipeline_client.py``.
 """
 
 from __future__ import annotations
@@ -15,28 +12,18 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import yaml
-from kfp_server_api import ApiException
-from typer.testing import CliRunner
 
 from moon3.config import ConfigError, load_config
-from moon3.pipelines import client as kfp_client
-from moon3.pipelines.compile import REPO, compile_pipeline, load_module, pipeline_files, pipeline_version
+from moon3.pipelines.compile import REPO, compile_pipeline, load_module, pipeline_files
 from moon3.pipelines.launch import accelerate_command, infra_path, torchrun_command, train_args
 from moon3.pipelines.params import config_from_params, pipeline_params
-from moon3.pipelines.placement import check_trainer, k8s_tolerations
-from moon3.pipelines.steps import pretrain_trainjob_step, read_confusion, rl_step
-from moon3.pipelines.trainjob import (
-    apply_trainjob,
-    build_trainjob,
-    trainjob_name,
-    trainjob_yaml,
-    wait_for_trainjob,
-)
+from moon3.pipelines.placement import check_trainer, image_refs
+from moon3.pipelines.steps import read_confusion, rl_step
+from moon3.pipelines.version import PIPELINE_SOURCES, image_tag, pipeline_version, source_hash, sources_dirty
 
 PARAMS = REPO / "params.yaml"
 COMPILED = REPO / "pipelines" / "compiled" / "moon3-training.yaml"
@@ -78,26 +65,76 @@ def executor(docs: list[dict], name: str) -> tuple[dict, dict]:
 @pytest.mark.parametrize(
     "overrides",
     [[], ["pipeline.trainer=trainjob", "pipeline.pvc_access_mode=ReadWriteMany"], ["pipeline.prepare=false"],
-     ["pipeline.pvc_name=", "pipeline.num_processes=1", "pipeline.train_accelerator_type="]],
-    ids=["accelerate", "trainjob", "import-dataset", "cpu-no-volume"],
+     ["pipeline.pvc_name=", "pipeline.num_processes=1", "pipeline.train_accelerator_type=",
+      "pipeline.eval_accelerator_limit=0"],
+     ["pipeline.ablations=[no_fusion, no_fire, no_reasoning]", "pipeline.deploy=render"]],
+    ids=["accelerate", "trainjob", "import-dataset", "cpu-no-volume", "ablations"],
 )  # fmt: skip
-def test_every_pipeline_compiles(tmp_path, overrides):
+def test_every_pipeline_compiles_with_every_stage_of_the_card(tmp_path, overrides):
     files = pipeline_files()
     assert [f.name for f in files] == ["training_pipeline.py"]
     for file in files:
         cfg = load_config(PARAMS, overrides)
         docs = list(yaml.safe_load_all(compile_pipeline(cfg, tmp_path / f"{file.stem}.yaml", file, VERSION).open()))
         executors = set(docs[0]["deploymentSpec"]["executors"])
-        assert {"exec-validate", "exec-rl", "exec-evaluate", "exec-gate-failed"} <= executors
+        card = {"fingerprint", "validate", "synthesize", "rl", "evaluate", "register", "gate", "deploy", "gate-failed"}
+        assert {f"exec-{name}" for name in card} <= executors
         assert ("exec-pretrain-trainjob" in executors) == ("pipeline.trainer=trainjob" in overrides)
         assert ("exec-prepare" in executors) != ("pipeline.prepare=false" in overrides)
         assert ("exec-importer" in executors) == ("pipeline.prepare=false" in overrides)
         inputs = docs[0]["root"]["inputDefinitions"]["parameters"]
-        assert inputs["params"]["parameterType"] == "STRUCT"
+        # A string, so integers stay integers in the UI (a struct shows 600 as 600.0); every input is described.
+        assert inputs["params"]["parameterType"] == "STRING"
+        assert json.loads(inputs["params"]["defaultValue"])["train"]["steps"] == cfg.train.steps
+        assert all(spec.get("description") for spec in inputs.values()), inputs.keys()
         assert ("dataset_uri" in inputs) == ("pipeline.prepare=false" in overrides)
-        for name, spec in docs[0]["deploymentSpec"]["executors"].items():
-            if "container" in spec and not name.endswith("pvc"):
-                assert spec["container"]["image"] == cfg.pipeline.image
+        tasks = all_tasks(docs)
+        assert any(name.startswith("for-loop") for name in tasks) == bool(cfg.pipeline.ablations)
+        if cfg.pipeline.ablations:
+            loop = next(t for name, t in tasks.items() if name.startswith("for-loop"))
+            assert loop["parameterIterator"]["items"]["raw"] == json.dumps(cfg.pipeline.ablations)
+            assert tasks["evaluate-2"]["inputs"]["parameters"]["ablation"]["componentInputParameter"].startswith(
+                "pipelinechannel--loop-item"
+            )
+
+
+def all_tasks(docs: list[dict]) -> dict[str, dict]:
+    """Every task of the compiled pipeline (root and every sub-DAG: exit handler, conditions, loops), by name."""
+    out = dict(docs[0]["root"]["dag"]["tasks"])
+    for comp in docs[0]["components"].values():
+        out.update((comp.get("dag") or {}).get("tasks", {}))
+    return out
+
+
+def test_steps_run_on_their_own_image_and_resources(tmp_path):
+    """CPU steps: the CPU image with CPU requests; GPU steps (pretrain, rl, evaluate): the CUDA image on the pool
+    with /dev/shm; both tags from the source; retries everywhere but on the failure that is meant to fail."""
+    docs = compiled(tmp_path, POOL)
+    tag = image_tag()
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for name in ("fingerprint", "prepare", "validate", "synthesize", "register", "gate", "deploy", "gate-failed"):
+        container, _ = executor(docs, name)
+        assert container["image"] == f"ghcr.io/example/moon3:{tag}", name
+        assert container["resources"]["resourceCpuRequest"] == "2" and container["resources"]["resourceMemoryLimit"]
+        assert "accelerator" not in container["resources"] and "nodeSelector" not in platform.get(f"exec-{name}", {})
+    for name in ("pretrain", "rl", "evaluate"):
+        container, plat = executor(docs, name)
+        assert container["image"] == f"ghcr.io/example/moon3-cuda:{tag}", name
+        assert plat["nodeSelector"]["labels"]["pool"] == "a100-pool"
+        assert plat["emptyDirMounts"] == [
+            {"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory", "sizeLimit": "16Gi"}
+        ]
+    assert executor(docs, "evaluate")[0]["resources"]["accelerator"]["resourceCount"] == "1"
+    tasks = all_tasks(docs)
+    for name in ("prepare", "validate", "pretrain", "rl", "evaluate", "register", "gate"):
+        assert tasks[name]["retryPolicy"]["maxRetryCount"] == 2 and tasks[name]["retryPolicy"]["backoffFactor"] == 2
+    assert "retryPolicy" not in tasks["gate-failed"]
+    for name, env in ((n, executor(docs, n)[0].get("env", [])) for n in ("pretrain", "register", "gate")):
+        assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.kubeflow.svc.cluster.local:5000"} in env, name
+    # CPU-only evaluation: the CPU image, no accelerator.
+    (tmp_path / "cpu").mkdir()
+    container, _ = executor(compiled(tmp_path / "cpu", ["pipeline.eval_accelerator_limit=0"]), "evaluate")
+    assert container["image"] == f"ghcr.io/example/moon3:{tag}" and "accelerator" not in container["resources"]
 
 
 def test_training_task_carries_node_pool_and_limits(tmp_path):
@@ -116,34 +153,43 @@ def test_training_task_carries_node_pool_and_limits(tmp_path):
         {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute", "tolerationSeconds": "600"},
     ]  # fmt: skip
     assert platform["pvcMount"][0]["mountPath"] == "/mnt/moon3"
-    assert platform["pvcMount"][0]["pvcNameParameter"]["taskOutputParameter"]["producerTask"] == "createpvc"
-    # The per-run claim: created with the configured size/mode, deleted after training, never cached.
-    comps = docs[0]["root"]["dag"]["tasks"]
-    gate = docs[0]["components"][comps["condition-branches-1"]["componentRef"]["name"]]["dag"]["tasks"]
-    inner = docs[0]["components"][gate["condition-2"]["componentRef"]["name"]]["dag"]["tasks"]
-    create = inner["createpvc"]["inputs"]["parameters"]
-    assert create["size"]["runtimeValue"]["constant"] == "200Gi"
-    assert create["access_modes"]["runtimeValue"]["constant"] == ["ReadWriteOnce"]
-    assert "pretrain" in inner["deletepvc"]["dependentTasks"]
-    assert not inner["createpvc"].get("cachingOptions", {}).get("enableCache")
-    assert not inner["pretrain"].get("cachingOptions", {}).get("enableCache")
+    claim = "moon3-{{$.pipeline_job_uuid}}-moon3-scratch"
+    assert platform["pvcMount"][0]["pvcNameParameter"]["runtimeValue"]["constant"] == claim
+    tasks = all_tasks(docs)
     # Multi-GPU settings reach the training component as constants.
-    args = inner["pretrain"]["inputs"]["parameters"]
+    args = tasks["pretrain"]["inputs"]["parameters"]
     assert args["num_processes"]["runtimeValue"]["constant"] == 8
     assert args["deepspeed_config"]["runtimeValue"]["constant"] == "infra/deepspeed/zero2.json"
-    # Only the training pod goes to the GPU pool; data steps are cached.
-    v_container, v_platform = executor(docs, "validate")
-    assert "resources" not in v_container and "nodeSelector" not in v_platform
-    assert inner["evaluate"]["taskInfo"]["name"] == "evaluate"
-    assert comps["prepare"]["cachingOptions"]["enableCache"] is True
-    assert comps["validate"]["cachingOptions"]["enableCache"] is True
+    assert tasks["evaluate"]["taskInfo"]["name"] == "evaluate"
+    assert tasks["prepare"]["cachingOptions"]["enableCache"] is True
+    assert tasks["validate"]["cachingOptions"]["enableCache"] is True
+    assert not tasks["pretrain"].get("cachingOptions", {}).get("enableCache")
 
 
-def inner_tasks(docs: list[dict]) -> dict:
-    """The tasks inside the data gate's ``passed`` branch (synthesize, training, rl, evaluate, the claim)."""
-    comps = docs[0]["root"]["dag"]["tasks"]
-    gate = docs[0]["components"][comps["condition-branches-1"]["componentRef"]["name"]]["dag"]["tasks"]
-    return docs[0]["components"][gate["condition-2"]["componentRef"]["name"]]["dag"]["tasks"]
+def test_scratch_volume_is_deleted_by_the_exit_handler_and_uses_the_default_class(tmp_path):
+    """Defects 2 and 4: '' compiled to storageClassName "" (static binding: Pending forever), and DeletePVC ran only
+    after a successful train, so every failed or terminated run leaked its claim."""
+    docs = compiled(tmp_path)
+    tasks = all_tasks(docs)
+    root = docs[0]["root"]["dag"]["tasks"]
+    claim = "moon3-{{$.pipeline_job_uuid}}-moon3-scratch"
+    create = tasks["createpvc"]["inputs"]["parameters"]
+    assert "storage_class_name" not in create  # '' = the cluster's default class
+    assert create["pvc_name"]["runtimeValue"]["constant"] == claim
+    assert create["size"]["runtimeValue"]["constant"] == "200Gi"
+    assert create["access_modes"]["runtimeValue"]["constant"] == ["ReadWriteOnce"]
+    # The delete is the exit task of a handler around everything: it runs on success, failure and termination.
+    (handler,) = [name for name in root if name.startswith("exit-handler")]
+    assert root["deletepvc"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert root["deletepvc"]["dependentTasks"] == [handler]
+    assert root["deletepvc"]["inputs"]["parameters"]["pvc_name"]["runtimeValue"]["constant"] == claim
+    assert not root["deletepvc"].get("cachingOptions", {}).get("enableCache")
+    handler_tasks = docs[0]["components"][root[handler]["componentRef"]["name"]]["dag"]["tasks"]
+    assert {"createpvc", "fingerprint", "prepare"} <= set(handler_tasks)
+    assert "createpvc" in handler_tasks["fingerprint"].get("dependentTasks", [])
+    (tmp_path / "sc").mkdir()
+    create = all_tasks(compiled(tmp_path / "sc", ["pipeline.pvc_storage_class=premium-rwo"]))["createpvc"]
+    assert create["inputs"]["parameters"]["storage_class_name"]["runtimeValue"]["constant"] == "premium-rwo"
 
 
 def producer(task: dict, artifact: str) -> str:
@@ -160,16 +206,28 @@ def test_rl_task_is_placed_like_pretraining_and_feeds_evaluate(tmp_path):
     for key in ("nodeSelector", "tolerations", "pvcMount", "imagePullPolicy"):
         assert rl_platform[key] == pre_platform[key], key
     assert rl_platform["nodeSelector"]["labels"]["pool"] == "a100-pool" and len(rl_platform["tolerations"]) == 2
-    inner = inner_tasks(docs)
+    inner = all_tasks(docs)
     assert producer(inner["rl"], "pretrained") == "pretrain"
     assert inner["rl"]["inputs"]["parameters"]["scratch_dir"]["runtimeValue"]["constant"] == "/mnt/moon3"
     assert not inner["rl"].get("cachingOptions", {}).get("enableCache")  # pipeline.cache_train: false
-    assert {"pretrain", "rl"} <= set(inner["deletepvc"]["dependentTasks"])  # the claim outlives both trainers
     evaluate = inner["evaluate"]
     assert producer(evaluate, "model") == "rl"
     assert (producer(evaluate, "pretrained"), producer(evaluate, "init_model")) == ("pretrain", "pretrain")
     assert docs[0]["components"]["comp-evaluate"]["inputDefinitions"]["artifacts"]["pretrained"]["isOptional"]
-    assert "-> rl -> evaluate" in docs[0]["pipelineInfo"]["description"]
+    assert "-> rl -> evaluate -> register -> gate -> deploy (apply)" in docs[0]["pipelineInfo"]["description"]
+    # register takes the RL model and the evaluation; the gate its version; deploy runs only on a passing gate.
+    assert producer(inner["register"], "model") == "rl" and producer(inner["register"], "eval_details") == "evaluate"
+    version_in = inner["gate"]["inputs"]["parameters"]["version"]["taskOutputParameter"]
+    assert version_in == {"producerTask": "register", "outputParameterKey": "version"}
+    promotion = next(t for t in inner.values() if t["taskInfo"]["name"] == "promotion-passed")
+    assert any(t["taskInfo"]["name"] == "not-promoted" for t in inner.values())  # the Else branch reports
+    assert promotion["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--gate-passed'] == true"
+    )
+    # Inside the nested condition the values arrive as channels named after their producer.
+    assert inner["deploy"]["inputs"]["artifacts"]["model"]["componentInputArtifact"] == "pipelinechannel--rl-model"
+    deploy_version = inner["deploy"]["inputs"]["parameters"]["registry_version"]["componentInputParameter"]
+    assert deploy_version == "pipelinechannel--register-version"
     # With a TrainJob the launcher stays off the GPU pool, but rl trains in its own pod: on the pool.
     (tmp_path / "tj").mkdir()
     docs = compiled(tmp_path / "tj", [*POOL, "pipeline.trainer=trainjob", "pipeline.pvc_access_mode=ReadWriteMany",
@@ -181,22 +239,74 @@ def test_rl_task_is_placed_like_pretraining_and_feeds_evaluate(tmp_path):
     assert (rl_platform["nodeSelector"], rl_platform["tolerations"]) == (
         pre_platform["nodeSelector"], pre_platform["tolerations"]
     )  # fmt: skip
-    inner = inner_tasks(docs)
+    inner = all_tasks(docs)
     assert inner["rl"]["cachingOptions"]["enableCache"] is True
     assert producer(inner["rl"], "pretrained") == "pretrain-trainjob" and producer(inner["evaluate"], "model") == "rl"
     assert producer(inner["evaluate"], "pretrained") == "pretrain-trainjob"
+    # The TrainJob's nodes get the CUDA image through the pipeline section the launcher receives.
+    pipeline_arg = inner["pretrain-trainjob"]["inputs"]["parameters"]["pipeline"]["runtimeValue"]["constant"]
+    assert pipeline_arg["image"] == f"ghcr.io/example/moon3-cuda:{image_tag()}"
 
 
 def test_version_is_in_the_metadata(tmp_path):
+    """Defect 9: the version names the content (sources and every setting), not a commit the YAML cannot know."""
     docs = compiled(tmp_path)
     assert docs[0]["pipelineInfo"]["name"] == "moon3-training"
     assert docs[0]["pipelineInfo"]["description"].startswith(f"moon3 {VERSION}:")
     platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    for name in ("exec-prepare", "exec-validate", "exec-pretrain", "exec-rl", "exec-evaluate", "exec-gate-failed"):
+    for name in ("exec-prepare", "exec-validate", "exec-pretrain", "exec-rl", "exec-evaluate", "exec-gate-failed",
+                 "exec-register", "exec-gate", "exec-deploy"):  # fmt: skip
         assert platform[name]["podMetadata"]["annotations"]["moon3.io/pipeline-version"] == VERSION
-    version = pipeline_version()
-    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    assert version == f"0.1.0+g{sha.stdout.strip()}" if sha.returncode == 0 else version == "0.1.0"
+    cfg = load_config(PARAMS)
+    version = pipeline_version(cfg)
+    assert re.fullmatch(r"0\.1\.0\+src\.[0-9a-f]{12}\.p\.[0-9a-f]{8}(\.dirty)?", version), version
+    assert version.split("+")[1].split(".")[1] == source_hash(REPO, PIPELINE_SOURCES)
+    # Other compile settings, other version (no collision on upload); same settings, same version.
+    other = pipeline_version(load_config(PARAMS, ["pipeline.pvc_size=500Gi"]))
+    assert other != version and other.split(".p.")[0] == version.split(".p.")[0]
+    assert pipeline_version(load_config(PARAMS)) == version
+
+
+def test_source_hash_follows_the_content_and_marks_uncommitted_edits(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "moon3").mkdir(parents=True)
+    (repo / "moon3" / "a.py").write_text("x = 1\n")
+    (repo / "pyproject.toml").write_text("[project]\nname = 'moon3'\n")
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    first, clean = source_hash(repo), sources_dirty(repo)
+    assert not clean and image_tag(repo) == f"src-{first}"
+    (repo / "moon3" / "b.py").write_text("y = 2\n")  # a new file counts before it is committed
+    assert source_hash(repo) != first and sources_dirty(repo)
+    (repo / "moon3" / "b.py").unlink()
+    assert source_hash(repo) == first and not sources_dirty(repo)
+    (repo / "moon3" / "a.py").write_text("x = 2\n")
+    assert source_hash(repo) != first and sources_dirty(repo)
+    assert pipeline_version(None, repo).endswith(".dirty")
+
+
+def test_image_checks_refuse_a_cpu_image_on_gpus_and_moving_tags(tmp_path):
+    """Defect 6: nothing stopped GPU placement with the CPU image, or a moving tag pulled IfNotPresent."""
+    cases = {
+        "pipeline.gpu_image=ghcr.io/example/moon3": "train on the CPU",
+        "pipeline.image_tag=latest": "moving tag",
+        "pipeline.image=ghcr.io/example/moon3:main": "moving tag",
+        "pipeline.image_pull_policy=Sometimes": "image_pull_policy",
+        "pipeline.pipeline_root=/local/folder": "pipeline_root",
+        "pipeline.mlflow_tracking_uri=": "mlflow_tracking_uri",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            compiled(tmp_path, [override])
+    # Allowed: a moving tag pulled Always; one image for both when nothing asks for a GPU; a gs:// root.
+    compiled(tmp_path, ["pipeline.image_tag=latest", "pipeline.image_pull_policy=Always"])
+    compiled(tmp_path, ["pipeline.gpu_image=ghcr.io/example/moon3", "pipeline.train_accelerator_limit=0",
+                        "pipeline.eval_accelerator_limit=0", "pipeline.num_processes=1"])  # fmt: skip
+    docs = compiled(tmp_path, ["pipeline.pipeline_root=gs://bucket/moon3/root", "pipeline.image_tag=v1.2.3"])
+    assert docs[0]["defaultPipelineRoot"] == "gs://bucket/moon3/root"
+    assert executor(docs, "prepare")[0]["image"] == "ghcr.io/example/moon3:v1.2.3"
 
 
 def test_nothing_machine_specific_in_compiled_yaml(tmp_path):
@@ -212,9 +322,23 @@ def test_nothing_machine_specific_in_compiled_yaml(tmp_path):
 def test_committed_yaml_matches_params_yaml(tmp_path):
     """pipelines/compiled/moon3-training.yaml is what `moon3 pipeline compile` makes from params.yaml now."""
     committed = list(yaml.safe_load_all(COMPILED.read_text()))
+    if not sources_dirty():
+        # A clean tree (CI's clone): the committed file is exactly what compiling now makes, version and image
+        # tags included. Workflow: commit the code, `moon3 pipeline compile`, commit the YAML.
+        fresh = compile_pipeline(load_config(PARAMS), tmp_path / "p.yaml")
+        assert list(yaml.safe_load_all(fresh.read_text())) == committed, "stale: commit, then `moon3 pipeline compile`"
+        return
+    # Uncommitted source edits change the version and the tag: compare everything else.
     version = re.match(r"moon3 (\S+):", committed[0]["pipelineInfo"]["description"]).group(1)
-    fresh = compile_pipeline(load_config(PARAMS), tmp_path / "p.yaml", version=version)
-    assert list(yaml.safe_load_all(fresh.read_text())) == committed, "stale: run `moon3 pipeline compile`"
+    tag = committed[0]["deploymentSpec"]["executors"]["exec-prepare"]["container"]["image"].rsplit(":", 1)[1]
+    fresh = compile_pipeline(load_config(PARAMS, [f"pipeline.image_tag={tag}"]), tmp_path / "p.yaml", version=version)
+    fresh_docs = list(yaml.safe_load_all(fresh.read_text()))
+    fresh_docs[0]["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"] = committed[0]["root"][
+        "inputDefinitions"
+    ]["parameters"]["params"][
+        "defaultValue"
+    ]  # image_tag is a pipeline setting: not in params, but keep the comparison exact on everything else
+    assert fresh_docs == committed, "stale: run `moon3 pipeline compile`"
 
 
 def test_params_yaml_change_shows_in_compiled_defaults(tmp_path):
@@ -245,15 +369,16 @@ def test_params_yaml_change_shows_in_compiled_defaults(tmp_path):
     assert changed["pretrain"] == ["train"], changed
     assert not changed["prepare"] and not changed["validate"], changed
     docs = compiled(tmp_path, params=edited)
-    default = docs[0]["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]
-    assert default["train"]["steps"] == 1234
+    default = json.loads(docs[0]["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"])
+    assert default["train"]["steps"] == 1234 and isinstance(default["train"]["steps"], int)
     assert default == json.loads(json.dumps(pipeline_params(load_config(edited))))
     assert "pipeline" not in default  # compile-time settings are not a run argument
-    assert executor(docs, "pretrain")[0]["image"] == "registry.example.com/moon3:edited"
+    assert executor(docs, "prepare")[0]["image"] == "registry.example.com/moon3:edited"
     (tmp_path / "o").mkdir()
     original = compiled(tmp_path / "o", params=PARAMS)
-    assert original[0]["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"]["train"]["steps"] == (
-        load_config(PARAMS).train.steps
+    assert (
+        json.loads(original[0]["root"]["inputDefinitions"]["parameters"]["params"]["defaultValue"])["train"]["steps"]
+        == load_config(PARAMS).train.steps
     )
 
 
@@ -292,7 +417,7 @@ def test_params_survive_the_kfp_struct_round_trip():
         config_from_params({**as_struct, "train": {**as_struct["train"], "steps": 2.5}})
 
 
-# --- launch commands and the TrainJob -----------------------------------------------------------------------
+# --- launch commands (the TrainJob, KFP client and CLI: tests/test_pipeline_client.py) ----------------------
 
 
 def test_launch_commands(tmp_path, monkeypatch):
@@ -318,227 +443,6 @@ def test_training_module_entry_point_has_the_train_command():
                          capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "--data-dir" in out.stdout and "--resume" in out.stdout
-
-
-def test_trainjob_manifest():
-    """Manifest only: no Kubernetes cluster (nor the Trainer CRDs) can run here."""
-    cfg = load_config(PARAMS, [*POOL[:2], "pipeline.trainer=trainjob", "pipeline.num_nodes=3",
-                               "pipeline.pvc_access_mode=ReadWriteMany"])  # fmt: skip
-    pc = cfg.pipeline
-    name = trainjob_name("3F2a_91c0-44ee-b1d2-7e5f0c9a11aa")
-    assert name == "moon3-pretrain-3f2a-91c0-44ee-b1d2" and len(name) <= 63
-    command = torchrun_command(train_args("/mnt/moon3/r/params.yaml", "/mnt/moon3/r/data", "/mnt/moon3/r/pretrain",
-                                          "/mnt/moon3/r/reports"))  # fmt: skip
-    manifest = build_trainjob(name, pc, command, "run-1-moon3-scratch", "team-a", env={"MLFLOW_TRACKING_URI": "http://m"},
-                              labels={"moon3.io/pipeline-version": "0.1.0-gabc"})  # fmt: skip
-    assert yaml.safe_load(trainjob_yaml(manifest)) == manifest
-    assert manifest["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and manifest["kind"] == "TrainJob"
-    assert manifest["metadata"] == {"name": name, "namespace": "team-a",
-                                    "labels": {"moon3.io/pipeline-version": "0.1.0-gabc"}}  # fmt: skip
-    spec = manifest["spec"]
-    assert spec["runtimeRef"]["name"] == "torch-distributed"
-    trainer = spec["trainer"]
-    assert trainer["image"] == pc.image and trainer["command"] == command
-    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (3, 4)
-    assert trainer["resourcesPerNode"]["limits"] == {"cpu": "32", "memory": "128G", "nvidia.com/gpu": 4}
-    assert trainer["resourcesPerNode"]["requests"]["nvidia.com/gpu"] == 4
-    assert trainer["env"] == [{"name": "MLFLOW_TRACKING_URI", "value": "http://m"}]
-    (override,) = spec["podTemplateOverrides"]
-    assert override["targetJobs"] == [{"name": "node"}]
-    pod = override["spec"]
-    assert pod["nodeSelector"] == pc.train_node_selector
-    assert pod["tolerations"] == k8s_tolerations(pc.train_tolerations)
-    assert pod["tolerations"][1]["tolerationSeconds"] == 600
-    assert pod["volumes"] == [{"name": "moon3-shared", "persistentVolumeClaim": {"claimName": "run-1-moon3-scratch"}}]
-    assert pod["containers"] == [{"name": "node", "volumeMounts": [{"name": "moon3-shared",
-                                                                    "mountPath": "/mnt/moon3"}]}]  # fmt: skip
-    with pytest.raises(ValueError, match="RFC 1035"):
-        build_trainjob("Bad_Name", pc, command, "c", "ns")
-    with pytest.raises(ValueError, match="PersistentVolumeClaim"):
-        build_trainjob(name, pc, command, "", "ns")
-
-
-class FakeCustomObjects:
-    """Stands in for kubernetes.client.CustomObjectsApi: records calls, replays a list of TrainJob states."""
-
-    def __init__(self, states: list[str | None], exists: bool = False):
-        self.states, self.exists, self.calls = list(states), exists, []
-
-    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-        self.calls.append(("create", group, version, namespace, plural, body["metadata"]["name"]))
-        if self.exists:
-            raise ApiException(status=409, reason="AlreadyExists")
-        return body
-
-    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
-        self.calls.append(("get", name))
-        state = self.states.pop(0) if self.states else None
-        conditions = [{"type": state, "status": "True", "reason": "JobFailed", "message": "node-0 OOMKilled"}]
-        return {"metadata": {"name": name}, "status": {"conditions": conditions if state else []}}
-
-
-def test_trainjob_apply_and_wait_with_a_fake_api():
-    """The Kubernetes API is faked: no cluster can run here."""
-    pc = load_config(PARAMS, ["pipeline.trainer=trainjob", "pipeline.pvc_access_mode=ReadWriteMany"]).pipeline
-    manifest = build_trainjob("moon3-pretrain-x", pc, ["torchrun"], "claim", "ns")
-    api = FakeCustomObjects([None, None, "Complete"])
-    apply_trainjob(manifest, api)
-    assert api.calls[0] == ("create", "trainer.kubeflow.org", "v1alpha1", "ns", "trainjobs", "moon3-pretrain-x")
-    slept = []
-    done = wait_for_trainjob("moon3-pretrain-x", "ns", api, timeout_s=100, poll_s=10, sleep=slept.append)
-    assert slept == [10, 10] and done["status"]["conditions"][0]["type"] == "Complete"
-    retried = FakeCustomObjects([], exists=True)  # a retried launcher pod finds its TrainJob
-    assert apply_trainjob(manifest, retried)["metadata"]["name"] == "moon3-pretrain-x"
-    with pytest.raises(RuntimeError, match="JobFailed: node-0 OOMKilled"):
-        wait_for_trainjob("x", "ns", FakeCustomObjects(["Failed"]), sleep=slept.append)
-    with pytest.raises(TimeoutError, match="30 s"):
-        wait_for_trainjob("x", "ns", FakeCustomObjects([]), timeout_s=30, poll_s=10, sleep=slept.append)
-
-
-def test_trainjob_launcher_step_with_a_fake_cluster(tmp_path, monkeypatch, mini_dataset):
-    """The launcher pod's work around a fake TrainJob: the 'nodes' write the model onto the shared volume."""
-    monkeypatch.setenv("MOON3_HOME", str(REPO))
-    mount = tmp_path / "pvc"
-    cfg = load_config(PARAMS, ["pipeline.trainer=trainjob", "pipeline.pvc_access_mode=ReadWriteMany",
-                               f"pipeline.pvc_mount_path={mount}", "pipeline.trainjob_namespace=team-a"])  # fmt: skip
-    pipeline = json.loads(json.dumps(cfg.to_dict()["pipeline"]), parse_int=float)  # as KFP hands a struct over
-
-    class TrainingCluster(FakeCustomObjects):
-        def create_namespaced_custom_object(self, group, version, namespace, plural, body):
-            self.body = body
-            args = body["spec"]["trainer"]["command"]
-            work = Path(args[args.index("--out-dir") + 1]).parent
-            for folder in ("pretrain/final", "pretrain/init", "reports"):
-                (work / folder).mkdir(parents=True)
-            (work / "pretrain/final/weights.bin").write_bytes(b"trained")
-            (work / "pretrain/init/weights.bin").write_bytes(b"untrained")
-            (work / "reports/train_metrics.json").write_text(json.dumps({"steps": 300, "final_loss": 0.5}))
-            return super().create_namespaced_custom_object(group, version, namespace, plural, body)
-
-    api = TrainingCluster(["Complete"])
-    params = json.loads(json.dumps(pipeline_params(cfg)), parse_int=float)
-    model, init = str(tmp_path / "model"), str(tmp_path / "init")
-    summary = pretrain_trainjob_step(params, ["train.steps=300"], pipeline, str(mini_dataset), model, init,
-                                     "claim-1", "run-42", api)  # fmt: skip
-    assert summary == {"steps": 300.0, "final_loss": 0.5}
-    assert (tmp_path / "model/weights.bin").read_bytes() == b"trained"
-    assert (tmp_path / "init/weights.bin").read_bytes() == b"untrained"
-    work = mount / "run-42"
-    assert sorted(p.name for p in (work / "data").iterdir()) == sorted(p.name for p in mini_dataset.iterdir())
-    written = load_config(work / "params.yaml")  # the file every TrainJob node reads
-    assert written.train.deepspeed_config == str(REPO / "infra/deepspeed/zero2.json")
-    assert written.train.steps == 300 and written.model == cfg.model
-    body = api.body
-    assert body["metadata"]["namespace"] == "team-a" and body["metadata"]["name"] == "moon3-pretrain-run-42"
-    assert body["spec"]["podTemplateOverrides"][0]["spec"]["volumes"][0]["persistentVolumeClaim"] == {
-        "claimName": "claim-1"
-    }
-
-
-# --- upload / run against a fake kfp.Client ------------------------------------------------------------------
-
-
-class FakeKfpClient:
-    """Records the calls of the kfp.Client methods we use (no KFP API server can run here)."""
-
-    def __init__(self, conflict: bool = False):
-        self.pipelines: dict[str, str] = {}
-        self.versions: dict[str, list[str]] = {}
-        self.conflict, self.calls = conflict, []
-
-    def get_pipeline_id(self, name):
-        return self.pipelines.get(name)
-
-    def upload_pipeline(self, path, pipeline_name=None, description=None):
-        self.calls.append(("upload_pipeline", Path(path).name, pipeline_name, description))
-        self.pipelines[pipeline_name] = pid = f"p-{len(self.pipelines) + 1}"
-        self.versions[pid] = [f"{pid}-v1"]
-        return SimpleNamespace(pipeline_id=pid)
-
-    def upload_pipeline_version(self, path, pipeline_version_name, pipeline_id=None, description=None):
-        self.calls.append(("upload_pipeline_version", pipeline_version_name, pipeline_id))
-        if self.conflict:
-            raise ApiException(status=409, reason="Conflict")
-        self.versions[pipeline_id].append(vid := f"{pipeline_id}-v{len(self.versions[pipeline_id]) + 1}")
-        return SimpleNamespace(pipeline_id=pipeline_id, pipeline_version_id=vid)
-
-    def list_pipeline_versions(self, pipeline_id, page_size=10, sort_by=""):
-        assert sort_by == "created_at desc"
-        newest = list(reversed(self.versions.get(pipeline_id, [])))[:page_size]
-        return SimpleNamespace(pipeline_versions=[SimpleNamespace(pipeline_version_id=v) for v in newest] or None)
-
-    def create_run_from_pipeline_package(self, path, arguments=None, run_name=None, experiment_name=None,
-                                         enable_caching=None):  # fmt: skip
-        self.calls.append(("create_run_from_pipeline_package", Path(path).name, arguments, experiment_name))
-        return SimpleNamespace(run_id="run-pkg")
-
-    def create_experiment(self, name):
-        self.calls.append(("create_experiment", name))
-        return SimpleNamespace(experiment_id=f"exp-{name}")
-
-    def run_pipeline(self, experiment_id, job_name, params=None, pipeline_id=None, version_id=None,
-                     enable_caching=None):  # fmt: skip
-        self.calls.append(("run_pipeline", experiment_id, job_name, params, pipeline_id, version_id))
-        return SimpleNamespace(run_id="run-uploaded")
-
-
-def test_upload_first_then_new_versions(tmp_path):
-    package = tmp_path / "p.yaml"
-    package.write_text("# compiled\n")
-    fake = FakeKfpClient()
-    first = kfp_client.upload(fake, package, "moon3-training", "0.1.0+gaaa")
-    assert first == kfp_client.UploadResult("p-1", "p-1-v1", "moon3-training", first_upload=True)
-    second = kfp_client.upload(fake, package, "moon3-training", "0.1.0+gbbb", description="d")
-    assert second == kfp_client.UploadResult("p-1", "p-1-v2", "0.1.0+gbbb", first_upload=False)
-    assert [c[0] for c in fake.calls] == ["upload_pipeline", "upload_pipeline_version"]
-    assert fake.calls[1] == ("upload_pipeline_version", "0.1.0+gbbb", "p-1")
-    clash = FakeKfpClient(conflict=True)
-    clash.pipelines["moon3-training"], clash.versions["p-9"] = "p-9", ["p-9-v1"]
-    with pytest.raises(ValueError, match="already has a version '0.1.0\\+gbbb'"):
-        kfp_client.upload(clash, package, "moon3-training", "0.1.0+gbbb")
-    with pytest.raises(FileNotFoundError, match="compile first"):
-        kfp_client.upload(fake, tmp_path / "missing.yaml", "moon3-training", "v")
-
-
-def test_run_uploaded_version_or_package(tmp_path):
-    fake = FakeKfpClient()
-    with pytest.raises(ValueError, match="upload first"):
-        kfp_client.run(fake, {}, pipeline_name="moon3-training")
-    fake.pipelines["moon3-training"], fake.versions["p-1"] = "p-1", ["v1", "v2"]
-    args = {"overrides": ["train.steps=5"]}
-    started = kfp_client.run(fake, args, experiment="exp", pipeline_name="moon3-training")
-    assert started == kfp_client.RunResult("run-uploaded", "p-1", "v2")  # the newest version
-    assert fake.calls[-2:] == [("create_experiment", "exp"),
-                               ("run_pipeline", "exp-exp", "moon3-training", args, "p-1", "v2")]  # fmt: skip
-    assert kfp_client.run(fake, args, package=tmp_path / "p.yaml").run_id == "run-pkg"
-    assert fake.calls[-1] == ("create_run_from_pipeline_package", "p.yaml", args, "moon3")
-
-
-def test_cli_compile_upload_run(tmp_path, monkeypatch):
-    from moon3.cli import app
-
-    fake = FakeKfpClient()
-    monkeypatch.setattr(kfp_client, "make_client", lambda host, namespace=None: fake)
-    runner = CliRunner()
-    out = tmp_path / "c.yaml"
-    res = runner.invoke(app, ["pipeline", "compile", "--params", str(PARAMS), "--set", "pipeline.image=r/m:1",
-                              "--out", str(out)])  # fmt: skip
-    assert res.exit_code == 0, res.output
-    assert executor(list(yaml.safe_load_all(out.read_text())), "validate")[0]["image"] == "r/m:1"
-    res = runner.invoke(app, ["pipeline", "upload", "--host", "http://kfp.invalid", "--params", str(PARAMS)])
-    assert res.exit_code == 0, res.output
-    assert fake.calls[0][0] == "upload_pipeline" and fake.calls[0][2] == "moon3-training"
-    res = runner.invoke(app, ["pipeline", "run", "--host", "http://kfp.invalid", "--params", str(PARAMS),
-                              "--set", "train.steps=5"])  # fmt: skip
-    assert res.exit_code == 0, res.output
-    _, _, _, arguments, pid, vid = fake.calls[-1]
-    assert (pid, vid) == ("p-1", "p-1-v1")
-    assert arguments == {"params": pipeline_params(load_config(PARAMS)), "overrides": ["train.steps=5"],
-                         "dataset_uri": ""}  # fmt: skip
-    res = runner.invoke(app, ["pipeline", "run", "--host", "h", "--set", "pipeline.image=x"])
-    assert res.exit_code == 2 and "compile time" in res.output
-    res = runner.invoke(app, ["pipeline", "run", "--host", "h", "--set", "train.stepz=1"])
-    assert res.exit_code == 2 and "train.stepz" in res.output
 
 
 def test_rl_step_resumes_on_the_scratch_volume(tmp_path, monkeypatch, mini_dataset):
@@ -588,7 +492,7 @@ def test_read_confusion(tmp_path):
 # --- kfp.local runs ------------------------------------------------------------------------------------------
 
 # Compile-time settings of a CPU run without a cluster volume; stage settings go in as run-time overrides.
-LOCAL = ["pipeline.pvc_name=", "pipeline.num_processes=1"]
+LOCAL = ["pipeline.pvc_name=", "pipeline.num_processes=1", "pipeline.deploy=render"]
 SMALL = ["data.n_products=120", "data.n_queries=120", "model.reasoning=false", "model.image_size=32",
          "train.steps=6", "train.batch_size=8", "train.warmup_steps=1", "train.num_workers=0", "train.log_every=2",
          "train.hard_negatives_per_query=0", "train.heldout_queries=0", "eval.other_reasoning_mode=false",
@@ -601,12 +505,15 @@ def kfp_local(tmp_path, monkeypatch):
     from kfp import local
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     root = tmp_path / "kfp-root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     return root
+
+
+def local_tracking(tmp_path: Path) -> str:
+    """A real MLflow tracking + registry store (sqlite) for the steps of a local run (pipeline.mlflow_tracking_uri)."""
+    return f"pipeline.mlflow_tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def executor_outputs(run_dir: Path, task: str) -> dict:
@@ -618,18 +525,30 @@ def artifact_metadata(run_dir: Path, task: str, name: str) -> dict:
 
 
 @pytest.mark.slow
-def test_local_run_of_the_whole_training_pipeline(kfp_local):
-    cfg = load_config(PARAMS, LOCAL)
-    load_module(REPO / "pipelines" / "training_pipeline.py").build_pipeline(cfg, VERSION)(overrides=SMALL)
+def test_local_run_of_the_whole_training_pipeline(kfp_local, tmp_path):
+    """Every stage of the card, for real, in subprocesses: a first model passes the gate (floors lowered to 0 so a
+    6-step model qualifies), becomes champion, and its InferenceService is rendered with its registry version."""
+    cfg = load_config(PARAMS, [*LOCAL, local_tracking(tmp_path), "pipeline.ablations=[no_fire]"])
+    overrides = [*SMALL, "promotion.min_values={}"]
+    load_module(REPO / "pipelines" / "training_pipeline.py").build_pipeline(cfg, VERSION)(overrides=overrides)
     (run,) = list(kfp_local.iterdir())
+    # fingerprint -> prepare/validate: the content key of their cache and the data version of the registry.
+    data_version = executor_outputs(run, "fingerprint")["parameterValues"]["Output"]
+    assert data_version == "generated:mbe3-mini"
     # prepare -> validate: the dataset folder.
     dataset = run / "prepare" / "dataset"
     products = pd.read_parquet(dataset / "products.parquet")
     assert len(products) == 120 and artifact_metadata(run, "prepare", "stats")["products/total"] == 120
-    # validate -> pretrain/evaluate: accepted tables whose images point into the prepare artifact.
-    validated = pd.read_parquet(run / "validate" / "validated" / "products.parquet")
+    # validate -> pretrain/evaluate: a pipeline root other than gs:// (here a local folder; MinIO in a default
+    # cluster): the accepted dataset carries its images, by relative path, so a later pod that receives only the
+    # validated artifact finds them (defect 3).
+    validated_dir = run / "validate" / "validated"
+    validated = pd.read_parquet(validated_dir / "products.parquet")
     assert 0 < len(validated) <= 120
-    assert all(Path(p).is_file() and Path(p).is_relative_to(dataset) for p in validated["image"])
+    assert all(p.startswith("media/") and (validated_dir / p).is_file() for p in validated["image"])
+    assert {(validated_dir / p).read_bytes() for p in validated["image"][:5]} <= {
+        f.read_bytes() for f in (dataset / "images").rglob("*") if f.is_file()
+    }
     assert executor_outputs(run, "validate")["parameterValues"]["passed"] is True
     assert "<html" in (run / "validate" / "report").read_text().lower()
     assert (run / "validate" / "details" / "gx_results.json").is_file()
@@ -675,6 +594,30 @@ def test_local_run_of_the_whole_training_pipeline(kfp_local):
     assert all((tuned / f).read_bytes() == (model / f).read_bytes() for f in files)
     assert any(k.startswith("trained/") for k in metrics) and not any(k.startswith("no_rl/") for k in metrics)
     assert "no_rl: not evaluated: same weights as the trained model" in (run / "evaluate" / "summary").read_text()
+    # ablations (ParallelFor): no_fire trained with FIRE off and evaluated beside the model, with a paired delta.
+    (variant,) = [d for d in run.iterdir() if d.name.startswith("for-loop")]
+    assert json.loads((variant / "pretrain-2" / "model" / "moon3_config.json").read_text())["model"]["fire"] is False
+    ablation_metrics = json.loads((variant / "evaluate-2" / "details" / "metrics.json").read_text())
+    assert "no_fire" in ablation_metrics and "no_fire" in ablation_metrics["deltas"]
+    # register -> gate -> deploy: version 1 in the real registry with its lineage; first model, floors met: champion;
+    # the deploy step (render) wrote the InferenceService for that version.
+    version = str(executor_outputs(run, "register")["parameterValues"]["version"])
+    assert version == "1"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    registered = client.get_model_version("moon3", version)
+    assert registered.tags["data_version"] == data_version and registered.tags["pipeline_run_id"]
+    assert str(client.get_registered_model("moon3").aliases["champion"]) == version
+    gate = executor_outputs(run, "gate")["parameterValues"]
+    assert gate["passed"] is True, gate
+    assert "| metric |" in (run / "gate" / "table").read_text()
+    isvc = [d for d in yaml.safe_load_all((run / "deploy" / "manifests" / "manifests.yaml").read_text())
+            if d["kind"] == "InferenceService"]  # fmt: skip
+    assert len(isvc) == 1 and isvc[0]["metadata"]["annotations"]["moon3.io/registry-version"] == version
+    runtime = next(d for d in yaml.safe_load_all((run / "deploy" / "manifests" / "manifests.yaml").read_text())
+                   if d["kind"] == "ServingRuntime")  # fmt: skip
+    assert runtime["spec"]["containers"][0]["image"] == image_refs(cfg.pipeline)[0]  # the image that was trained
 
 
 @pytest.mark.slow
@@ -694,3 +637,59 @@ def test_local_run_stops_at_the_gate(kfp_local, mini_dataset, tmp_path):
     quarantined = pd.read_parquet(run / "validate" / "quarantine" / "products.parquet")
     assert len(quarantined) == len(pd.read_parquet(broken / "products.parquet"))
     assert not (run / "pretrain").exists() and not (run / "rl").exists() and not (run / "evaluate").exists()
+
+
+# --- data steps: the cache keys on content; images travel with the validated dataset -------------------------
+
+
+def test_fingerprint_feeds_the_data_steps_and_follows_the_content(tmp_path, mini_dataset):
+    """Defect 10: the importer's cache keyed on the URI, so a catalog replaced at the same path kept serving the
+    old validated data. The fingerprint (never cached) is an input of prepare and validate: their cache key."""
+    from moon3.pipelines.steps import fingerprint_step
+
+    for overrides in ([], ["pipeline.prepare=false"]):
+        tasks = all_tasks(compiled(tmp_path, overrides))
+        assert not tasks["fingerprint"].get("cachingOptions", {}).get("enableCache")
+        channel = tasks["validate"]["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"]
+        assert channel == {"producerTask": "fingerprint", "outputParameterKey": "Output"}
+        assert ("prepare" in tasks) != bool(overrides)
+        if "prepare" in tasks:
+            assert tasks["prepare"]["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"] == channel
+        else:
+            uri = tasks["fingerprint"]["inputs"]["parameters"]["dataset_uri"]["componentInputParameter"]
+            assert uri == "pipelinechannel--dataset_uri"
+    catalog = tmp_path / "catalog"
+    shutil.copytree(mini_dataset, catalog)
+    first = fingerprint_step(pipeline_params(load_config(PARAMS)), [], str(catalog))
+    assert first.startswith("local:sha256:") and fingerprint_step("{}", [], str(catalog)) == first
+    table = catalog / "products.parquet"
+    products = pd.read_parquet(table)
+    products.iloc[:-1].to_parquet(table)  # the same URI, other content
+    assert fingerprint_step("{}", [], str(catalog)) != first
+    assert fingerprint_step("{}", []) == "generated:mbe3-mini"
+
+
+def test_validated_dataset_carries_its_images_off_gcs(tmp_path, mini_dataset):
+    """Defect 3: with a pipeline root other than gs:// the accepted tables pointed at the prepare pod's local paths,
+    which no later pod has. validate_step now copies what the accepted rows use into the validated artifact."""
+    from moon3.pipelines.steps import validate_step
+
+    source = tmp_path / "prepare" / "dataset"
+    shutil.copytree(mini_dataset, source)
+    out = {name: tmp_path / "validate" / name for name in ("validated", "quarantine", "details")}
+    result = validate_step("{}", ["validation.max_reject_fraction=1.0"], str(source), "minio://mlpipeline/v2/x",
+                           str(out["validated"]), str(out["quarantine"]), str(out["details"]))  # fmt: skip
+    assert result["passed"]
+    moved = tmp_path / "elsewhere"  # a later pod: only the validated artifact, at another path
+    shutil.copytree(out["validated"], moved)
+    shutil.rmtree(source)
+    for table, column in (("products.parquet", "image"), ("queries.parquet", "query_image")):
+        paths = [p for p in pd.read_parquet(moved / table)[column] if p]
+        assert paths and all(p.startswith("media/") and (moved / p).is_file() for p in paths), table
+    # With a gs:// input the tables name the images by URI and nothing is copied.
+    gcs = validate_step("{}", ["validation.max_reject_fraction=1.0", "validation.check_images=false"],
+                        str(mini_dataset), "gs://bucket/run/prepare/dataset", str(tmp_path / "v2"),
+                        str(tmp_path / "q2"), str(tmp_path / "d2"))  # fmt: skip
+    assert gcs["passed"] and not (tmp_path / "v2" / "media").exists()
+    images = pd.read_parquet(tmp_path / "v2" / "products.parquet")["image"]
+    assert all(p.startswith("gs://bucket/run/prepare/dataset/") for p in images if p)

@@ -8,7 +8,7 @@ from moon3.pipelines.params import default_image
 
 @dsl.component(base_image=default_image(), install_kfp_package=False)
 def deploy(
-    params: dict,
+    params: str,
     overrides: list,
     model: Input[Model],
     manifests: Output[Artifact],
@@ -16,6 +16,9 @@ def deploy(
     namespace: str = "",
     variant: str = "",
     dry_run: bool = False,
+    registry_version: str = "",
+    image: str = "",
+    gpu_image: str = "",
 ) -> str:
     """Serve ``model`` with KServe: create or replace the runtime and the InferenceService (canary per params).
 
@@ -31,6 +34,12 @@ def deploy(
         namespace: target namespace ('' = ``serve.namespace``).
         variant: ``cpu`` | ``gpu`` ('' = ``serve.variant``).
         dry_run: render only.
+        registry_version: the registry version (or alias) of ``promotion.model_name`` that ``model`` is: the
+            InferenceService is annotated with it and, once applied, the version is tagged ``served_isvc`` /
+            ``served_at`` ('' = none; needs the MLflow server, ``promotion.tracking_uri`` or ``MLFLOW_TRACKING_URI``).
+        image: the serving image of the CPU variant ('' = ``serve.image``); the pipeline passes its own CPU image,
+            so the served code is the code that was trained and evaluated.
+        gpu_image: the same for the GPU variant ('' = ``serve.gpu_image``).
 
     Returns:
         One line: the InferenceService, variant, canary share and what was applied.
@@ -39,6 +48,7 @@ def deploy(
 
     index_uri = index.uri if index is not None else None
     out = deploy_step(params, overrides, model.uri, manifests.path, index_uri=index_uri, namespace=namespace,
-                      variant=variant, dry_run=dry_run)  # fmt: skip
+                      variant=variant, dry_run=dry_run, registry_version=registry_version, image=image,
+                      gpu_image=gpu_image)  # fmt: skip
     print(out["summary"])
     return out["summary"]

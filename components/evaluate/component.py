@@ -8,7 +8,7 @@ from moon3.pipelines.params import default_image
 
 @dsl.component(base_image=default_image(), install_kfp_package=False)
 def evaluate(
-    params: dict,
+    params: str,
     overrides: list,
     dataset: Input[Dataset],
     model: Input[Model],
@@ -19,6 +19,8 @@ def evaluate(
     summary: Output[Markdown],
     details: Output[Artifact],
     pretrained: Input[Model] = None,
+    ablation_model: Input[Model] = None,
+    ablation: str = "",
 ):
     """Evaluate ``model`` against its untrained starting point (and its pre-RL self) on the eval split of ``dataset``.
 
@@ -34,13 +36,18 @@ def evaluate(
         summary: the same as Markdown.
         details: ``metrics.json``, ``results.json``, plots and their data.
         pretrained: optional, the pretrained model before RL: evaluated as the ``no_rl`` ablation.
+        ablation_model: optional, a variant trained with one module off, evaluated beside ``model`` as
+            ``ablation`` (paired deltas with intervals).
+        ablation: the variant's name (no_fusion | no_fire | no_reasoning).
     """
     import shutil
 
     from moon3.pipelines.steps import evaluate_step
 
     pretrained_dir = pretrained.path if pretrained is not None else ""
-    out = evaluate_step(params, overrides, dataset.path, model.path, init_model.path, details.path, pretrained_dir)
+    extra = {ablation: ablation_model.path} if ablation_model is not None and ablation else None
+    out = evaluate_step(params, overrides, dataset.path, model.path, init_model.path, details.path, pretrained_dir,
+                        extra)  # fmt: skip
     for name, value in out["metrics"].items():
         metrics.log_metric(name, value)
     if out["confusion"] is not None:

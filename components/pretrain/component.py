@@ -8,7 +8,7 @@ from moon3.pipelines.params import default_image
 
 @dsl.component(base_image=default_image(), install_kfp_package=False)
 def pretrain(
-    params: dict,
+    params: str,
     overrides: list,
     dataset: Input[Dataset],
     traces: Input[Dataset],
@@ -20,6 +20,7 @@ def pretrain(
     deepspeed_config: str = "",
     scratch_dir: str = "",
     run_id: str = "",
+    ablation: str = "",
 ):
     """Contrastive pretraining (``moon3 train contrastive``) on the train split of ``dataset``.
 
@@ -36,19 +37,22 @@ def pretrain(
         deepspeed_config: DeepSpeed JSON (same).
         scratch_dir: mounted volume for checkpoints (a retried pod resumes); '' = a temporary folder.
         run_id: the pipeline run id, which names the run's folder on ``scratch_dir``.
+        ablation: '' for the full model, else the module switched off (no_fusion | no_fire | no_reasoning).
     """
     from moon3.pipelines.steps import pretrain_step
 
     summary = pretrain_step(params, overrides, dataset.path, model.path, init_model.path, num_processes,
-                            accelerate_config, deepspeed_config, scratch_dir, run_id, traces.path)  # fmt: skip
+                            accelerate_config, deepspeed_config, scratch_dir, run_id, traces.path,
+                            ablation)  # fmt: skip
     for name, value in summary.items():
         metrics.log_metric(name, value)
     model.metadata["framework"] = "moon3"
+    model.metadata["ablation"] = ablation
 
 
 @dsl.component(base_image=default_image(), install_kfp_package=False)
 def pretrain_trainjob(
-    params: dict,
+    params: str,
     overrides: list,
     pipeline: dict,
     claim_name: str,

@@ -8,7 +8,7 @@ from moon3.pipelines.params import default_image
 
 @dsl.component(base_image=default_image(), install_kfp_package=False)
 def synthesize(
-    params: dict,
+    params: str,
     overrides: list,
     dataset: Input[Dataset],
     traces: Output[Dataset],

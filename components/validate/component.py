@@ -10,7 +10,7 @@ from moon3.pipelines.params import default_image
 
 @dsl.component(base_image=default_image(), install_kfp_package=False)
 def validate(
-    params: dict,
+    params: str,
     overrides: list,
     dataset: Input[Dataset],
     validated: Output[Dataset],
@@ -18,6 +18,7 @@ def validate(
     report: Output[HTML],
     details: Output[Artifact],
     metrics: Output[Metrics],
+    source_fingerprint: str = "",
 ) -> NamedTuple("ValidateOutputs", [("passed", bool), ("summary", str)]):
     """Run the validation gate (``moon3 validate``); it never raises on bad data, it says ``passed``.
 
@@ -25,11 +26,14 @@ def validate(
         params: stage sections of ``params.yaml`` (the pipeline's ``params``).
         overrides: ``section.key=value`` strings applied on top.
         dataset: the dataset to check.
-        validated: accepted rows (written only when the gate passes); image paths point into ``dataset``.
+        validated: accepted rows (written only when the gate passes); images by ``gs://`` URI into ``dataset``,
+            else carried in this artifact.
         quarantine: rejected rows with their reasons.
         report: the HTML report (KFP UI visualization).
         details: ``gx_results.json`` (Great Expectations), ``validation_metrics.json`` and the report.
         metrics: row counts, reject fractions, timings.
+        source_fingerprint: the ``fingerprint`` step's output (keys the cache on the input's content; recorded as
+            the validated dataset's ``data_version``).
 
     Returns:
         ``passed`` (the pipeline's gate condition) and ``summary`` (the blocking failures, one per line).
@@ -45,6 +49,7 @@ def validate(
     for name, value in out["metrics"].items():
         metrics.log_metric(name, value)
     Path(validated.path).mkdir(parents=True, exist_ok=True)  # an empty artifact when the gate fails
+    validated.metadata["data_version"] = source_fingerprint
     return namedtuple("ValidateOutputs", ["passed", "summary"])(out["passed"], out["summary"])
 
 

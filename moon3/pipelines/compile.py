@@ -7,34 +7,19 @@ checkout, while the image that runs them only needs the installed package.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from moon3.common.provenance import git_sha
 from moon3.config import Moon3Config
+from moon3.pipelines.version import pipeline_version
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES_DIR = REPO / "pipelines"
 COMPILED_DIR = PIPELINES_DIR / "compiled"
 TRAINING_PIPELINE = PIPELINES_DIR / "training_pipeline.py"
-
-
-def package_version() -> str:
-    """The installed ``moon3`` version (``pyproject.toml``)."""
-    try:
-        return importlib.metadata.version("moon3")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-def pipeline_version(repo: Path = REPO) -> str:
-    """``<package version>+g<git short sha>`` (a PEP 440 local version), or the package version alone."""
-    sha = git_sha(repo)
-    return f"{package_version()}+g{sha}" if sha else package_version()
 
 
 def load_module(path: str | Path) -> ModuleType:
@@ -76,13 +61,13 @@ def compile_pipeline(
             default.
         out_path: default ``pipelines/compiled/<pipeline.name>.yaml``.
         pipeline_file: a ``pipelines/*.py`` file with ``build_pipeline(cfg, version)``.
-        version: default :func:`pipeline_version`.
+        version: default :func:`moon3.pipelines.version.pipeline_version` of ``cfg``.
     """
     from kfp import compiler
 
     cfg = _without_credentials(cfg)
     module = load_module(pipeline_file)
-    func = module.build_pipeline(cfg, version or pipeline_version())
+    func = module.build_pipeline(cfg, version or pipeline_version(cfg))
     out = Path(out_path) if out_path else COMPILED_DIR / f"{cfg.pipeline.name}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(func, str(out))

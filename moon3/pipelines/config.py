@@ -16,9 +16,65 @@ class PipelineConfig:
     """Image, placement and resources of the KFP training pipeline."""
 
     name: str = field(default="moon3-training", metadata={"help": "Pipeline name in the KFP UI."})
-    image: str = field(default="ghcr.io/example/moon3:latest", metadata={"help": "Project image for every step."})
+    image: str = field(
+        default="ghcr.io/example/moon3",
+        metadata={"help": "CPU image repository of the CPU steps (tag: image_tag), or a full reference."},
+    )
+    gpu_image: str = field(
+        default="ghcr.io/example/moon3-cuda",
+        metadata={
+            "help": "CUDA image repository (infra/docker/Dockerfile.cuda) of the steps placed on the GPU node pool "
+            "(tag: image_tag), or a full reference."
+        },
+    )
+    image_tag: str = field(
+        default="",
+        metadata={"help": "Tag of both images; '' = src-<source hash>, the tag `make image` gives this tree's image."},
+    )
     image_pull_policy: str = field(
-        default="IfNotPresent", metadata={"help": "Always | IfNotPresent | Never (Always for a moving tag)."}
+        default="IfNotPresent",
+        metadata={"help": "Always | IfNotPresent | Never; a moving tag (latest, main, ...) needs Always."},
+    )
+    pipeline_root: str = field(
+        default="",
+        metadata={
+            "help": "Where KFP stores artifacts ('' = the cluster's default). gs://: images are read in place; "
+            "any other root (minio://, s3://): the validated dataset carries its images."
+        },
+    )
+    service_account: str = field(
+        default="",
+        metadata={
+            "help": "Kubernetes service account of the run's pods and TrainJobs (Workload Identity); '' = the "
+            "namespace default (default-editor in a Kubeflow profile)."
+        },
+    )
+    retries: int = field(default=2, metadata={"help": "Retries of a failed step (preemption, eviction); 0 = none."})
+    retry_backoff: str = field(default="60s", metadata={"help": "Wait before the first retry (doubles each time)."})
+    cpu_request: str = field(default="2", metadata={"help": "CPU request of every CPU step ('' = none)."})
+    cpu_limit: str = field(default="8", metadata={"help": "CPU limit of every CPU step ('' = none)."})
+    memory_request: str = field(default="8G", metadata={"help": "Memory request of every CPU step ('' = none)."})
+    memory_limit: str = field(default="32G", metadata={"help": "Memory limit of every CPU step ('' = none)."})
+    shm_size: str = field(
+        default="16Gi",
+        metadata={"help": "Size of /dev/shm (memory-backed) of the GPU steps: data loader workers, NCCL ('' = none)."},
+    )
+    eval_accelerator_limit: int = field(
+        default=1, metadata={"help": "GPUs of the evaluation step (0 = a CPU step on the CPU image)."}
+    )
+    deploy: Literal["apply", "render", "off"] = field(
+        default="apply",
+        metadata={
+            "help": "After a passing promotion gate: apply the InferenceService (canary per serve.*) | render "
+            "the manifests only | no deploy step."
+        },
+    )
+    ablations: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Ablation variants trained and evaluated in parallel (dsl.ParallelFor): no_fusion, no_fire, "
+            "no_reasoning; [] = none."
+        },
     )
     prepare: bool = field(
         default=True,
@@ -89,5 +145,9 @@ class PipelineConfig:
     )
     trainjob_timeout_s: int = field(default=86400, metadata={"help": "trainjob: give up waiting after this long."})
     mlflow_tracking_uri: str = field(
-        default="", metadata={"help": "MLFLOW_TRACKING_URI of the training pods ('' = a sqlite file in the pod)."}
+        default="http://mlflow.kubeflow.svc.cluster.local:5000",
+        metadata={
+            "help": "MLFLOW_TRACKING_URI of every step (training logs, the registry of register and the gate); "
+            "required: a sqlite file in a pod is lost with it."
+        },
     )

@@ -1,20 +1,24 @@
 """The stage configuration as a KFP pipeline parameter, and back.
 
-The compiled pipeline takes the whole stage configuration as one ``params`` struct (default: ``params.yaml``)
-plus ``overrides`` (``section.key=value`` strings, the CLI's ``--set``). KFP stores a struct as a protobuf
-``Struct``, where every number is a double: ``train.steps: 300`` comes back as ``300.0``. The strict config
-loader rejects a float for an int field, so :func:`config_from_params` turns integral floats back into ints
-where the config class says ``int``, then checks everything as usual.
+The compiled pipeline takes the whole stage configuration as one ``params`` string (default: ``params.yaml``'s
+stage sections as one line of JSON, which is YAML too) plus ``overrides`` (``section.key=value`` strings, the
+CLI's ``--set``). A string, not a struct: KFP stores a struct as a protobuf ``Struct``, where every number is a
+double, so the UI would show ``train.steps: 300`` as ``300.0``. A struct still works (an older run, a client that
+sends a dict): :func:`config_from_params` turns integral floats back into ints where the config class says
+``int``, then checks everything as usual.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from moon3.config import Moon3Config, apply_overrides, config_from_dict, load_config
 
@@ -30,12 +34,41 @@ def default_image() -> str:
     The pipeline sets every task's image from the config it is compiled with, so this is only the default a
     component carries when it is used on its own.
     """
-    return load_config(REPO_PARAMS if REPO_PARAMS.exists() else None).pipeline.image
+    from moon3.pipelines.version import image_ref, image_tag
+
+    pc = load_config(REPO_PARAMS if REPO_PARAMS.exists() else None).pipeline
+    return image_ref(pc.image, pc.image_tag or image_tag())
 
 
 def pipeline_params(cfg: Moon3Config) -> dict[str, Any]:
-    """The default of the pipeline's ``params`` argument: every stage section of ``cfg``."""
+    """Every stage section of ``cfg`` (what the pipeline's ``params`` argument holds)."""
     return {k: v for k, v in cfg.to_dict().items() if k not in COMPILE_TIME_SECTIONS}
+
+
+def params_text(cfg: Moon3Config) -> str:
+    """The default of the pipeline's ``params`` argument: :func:`pipeline_params` as one line of JSON."""
+    return json.dumps(pipeline_params(cfg), ensure_ascii=False, separators=(", ", ": "))
+
+
+def parse_params(params: str | dict[str, Any] | None) -> dict[str, Any]:
+    """The ``params`` argument as a dict: a YAML/JSON string (what the pipeline declares) or a struct.
+
+    Raises:
+        moon3.config.ConfigError: text that is not a YAML mapping.
+    """
+    from moon3.config import ConfigError
+
+    if params is None or isinstance(params, dict):
+        return copy.deepcopy(params or {})
+    try:
+        values = yaml.safe_load(params) if params.strip() else {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"params: not valid YAML/JSON{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"params: expected a mapping of sections, got {type(values).__name__}")
+    return values
 
 
 def _restore_ints(value: Any, tp: Any) -> Any:
@@ -60,15 +93,16 @@ def _restore_ints(value: Any, tp: Any) -> Any:
     return value
 
 
-def config_from_params(params: dict[str, Any], overrides: list[str] | None = None) -> Moon3Config:
+def config_from_params(params: str | dict[str, Any], overrides: list[str] | None = None) -> Moon3Config:
     """Build the checked :class:`Moon3Config` a component runs with.
 
     Args:
-        params: the pipeline's ``params`` struct (sections of ``params.yaml``), as KFP hands it over.
+        params: the pipeline's ``params`` (sections of ``params.yaml``): YAML/JSON text, or a struct as KFP
+            hands one over (numbers as floats).
         overrides: ``section.key=value`` strings applied after ``params`` (values parsed as YAML).
 
     Raises:
         moon3.config.ConfigError: an unknown key or a wrong type; the message names the key.
     """
-    values = _restore_ints(copy.deepcopy(params or {}), Moon3Config)
+    values = _restore_ints(parse_params(params), Moon3Config)
     return config_from_dict(apply_overrides(values, list(overrides or [])))

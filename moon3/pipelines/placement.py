@@ -6,6 +6,7 @@ One description (node selector, tolerations, accelerator, CPU/memory) feeds two 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from moon3.pipelines.config import PipelineConfig
@@ -13,6 +14,11 @@ from moon3.pipelines.config import PipelineConfig
 TOLERATION_KEYS = {"key", "operator", "value", "effect", "toleration_seconds"}
 OPERATORS = {"Equal", "Exists"}
 EFFECTS = {"NoSchedule", "PreferNoSchedule", "NoExecute"}
+PULL_POLICIES = {"Always", "IfNotPresent", "Never"}
+# Tags that name a different image over time: with IfNotPresent a node keeps running whatever it pulled first.
+MOVING_TAGS = {"latest", "main", "master", "dev", "develop", "stable", "nightly", "edge", "head"}
+PIPELINE_ROOT = re.compile(r"^(gs|s3|minio)://[^/\s]+(/\S*)?$")
+SHM_VOLUME = "dshm"
 
 
 def check_tolerations(tolerations: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -64,6 +70,76 @@ def k8s_resources(pc: PipelineConfig) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
 
 
+def image_refs(pc: PipelineConfig) -> tuple[str, str]:
+    """``(cpu image, gpu image)`` references: each repository with ``image_tag`` ('' = this tree's source tag)."""
+    from moon3.pipelines.version import image_ref, image_tag
+
+    tag = pc.image_tag or image_tag()
+    return image_ref(pc.image, tag), image_ref(pc.gpu_image, tag)
+
+
+def uses_gpus(pc: PipelineConfig) -> bool:
+    """Whether the training steps ask for accelerators (and so need the CUDA image)."""
+    return bool(pc.train_accelerator_type) and pc.train_accelerator_limit > 0
+
+
+def _tag(ref: str) -> str:
+    if "@" in ref:
+        return ref.split("@", 1)[1]
+    last = ref.rsplit("/", 1)[-1]
+    return last.split(":", 1)[1] if ":" in last else "latest"
+
+
+def check_images(pc: PipelineConfig) -> None:
+    """Reject image settings that would run the wrong code: GPU placement with the CPU image (training on the CPU
+    of a GPU node), or a moving tag that ``IfNotPresent`` never re-pulls.
+
+    Raises:
+        ValueError: naming the ``pipeline.*`` key.
+    """
+    if pc.image_pull_policy not in PULL_POLICIES:
+        raise ValueError(
+            f"pipeline.image_pull_policy: expected one of {sorted(PULL_POLICIES)}, got {pc.image_pull_policy!r}"
+        )
+    cpu, gpu = image_refs(pc)
+    if (uses_gpus(pc) or pc.eval_accelerator_limit > 0) and gpu == cpu:
+        raise ValueError(
+            f"pipeline.gpu_image is the CPU image {cpu!r}: the GPU steps would train on the CPU of a GPU node; "
+            "give the CUDA image (infra/docker/Dockerfile.cuda) or set pipeline.train_accelerator_limit=0 and "
+            "pipeline.eval_accelerator_limit=0"
+        )
+    for key, ref in (("image", cpu), ("gpu_image", gpu)):
+        if _tag(ref) in MOVING_TAGS and pc.image_pull_policy != "Always":
+            raise ValueError(
+                f"pipeline.{key}={ref!r} is a moving tag: with image_pull_policy {pc.image_pull_policy} a node keeps "
+                "the copy it pulled first; use an immutable tag (pipeline.image_tag, '' = the source tag) or Always"
+            )
+
+
+def check_pipeline(pc: PipelineConfig) -> None:
+    """Every compile-time check: trainer, images, pipeline root, tracking.
+
+    Raises:
+        ValueError: naming the ``pipeline.*`` key.
+    """
+    check_trainer(pc)
+    check_images(pc)
+    if pc.pipeline_root and not PIPELINE_ROOT.match(pc.pipeline_root):
+        raise ValueError(
+            f"pipeline.pipeline_root={pc.pipeline_root!r}: expected gs://BUCKET/..., s3://BUCKET/... or "
+            "minio://BUCKET/... ('' = the cluster default)"
+        )
+    if not pc.mlflow_tracking_uri:
+        raise ValueError(
+            "pipeline.mlflow_tracking_uri is empty: training metrics and the model registry (register, gate) would "
+            "live in a sqlite file inside each pod and vanish with it; give the cluster's MLflow server URL"
+        )
+    if pc.retries < 0:
+        raise ValueError(f"pipeline.retries must be >= 0, got {pc.retries}")
+    if pc.eval_accelerator_limit < 0:
+        raise ValueError(f"pipeline.eval_accelerator_limit must be >= 0, got {pc.eval_accelerator_limit}")
+
+
 def check_trainer(pc: PipelineConfig) -> None:
     """Reject settings that cannot schedule or cannot train, before anything is compiled.
 
@@ -91,18 +167,33 @@ def check_trainer(pc: PipelineConfig) -> None:
     check_tolerations(pc.train_tolerations)
 
 
-def place_training_task(task: Any, pc: PipelineConfig, gpu: bool = True) -> Any:
-    """Put a KFP training task on the GPU node pool: selector, tolerations, accelerator, CPU and memory.
+def place_cpu_task(task: Any, pc: PipelineConfig) -> Any:
+    """CPU and memory requests/limits of a CPU step (``pipeline.cpu_*``, ``pipeline.memory_*``)."""
+    for value, setter in (
+        (pc.cpu_request, task.set_cpu_request),
+        (pc.cpu_limit, task.set_cpu_limit),
+        (pc.memory_request, task.set_memory_request),
+        (pc.memory_limit, task.set_memory_limit),
+    ):
+        if value:
+            setter(value)
+    return task
+
+
+def place_training_task(task: Any, pc: PipelineConfig, gpu: bool = True, accelerators: int | None = None) -> Any:
+    """Put a KFP training task on the GPU node pool: selector, tolerations, accelerator, CPU, memory, /dev/shm.
 
     Args:
         task: the ``PipelineTask``.
         pc: the ``pipeline`` config.
         gpu: False for a task that only submits and watches (the TrainJob launcher): no accelerator, no pool.
+        accelerators: accelerators of this task (default ``pc.train_accelerator_limit``).
     """
     from kfp import kubernetes
 
     if not gpu:
-        return task
+        return place_cpu_task(task, pc)
+    limit = pc.train_accelerator_limit if accelerators is None else accelerators
     if pc.train_cpu_request:
         task.set_cpu_request(pc.train_cpu_request)
     if pc.train_memory_request:
@@ -111,11 +202,14 @@ def place_training_task(task: Any, pc: PipelineConfig, gpu: bool = True) -> Any:
         task.set_cpu_limit(pc.train_cpu_limit)
     if pc.train_memory_limit:
         task.set_memory_limit(pc.train_memory_limit)
-    if pc.train_accelerator_type and pc.train_accelerator_limit > 0:
+    if pc.train_accelerator_type and limit > 0:
         task.set_accelerator_type(pc.train_accelerator_type)
-        task.set_accelerator_limit(pc.train_accelerator_limit)
+        task.set_accelerator_limit(limit)
     for key, value in pc.train_node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for tol in check_tolerations(pc.train_tolerations):
         kubernetes.add_toleration(task, **tol)
+    if pc.shm_size:  # the container default is 64M: data loader workers and NCCL need more
+        kubernetes.empty_dir_mount(task, volume_name=SHM_VOLUME, mount_path="/dev/shm", medium="Memory",
+                                   size_limit=pc.shm_size)  # fmt: skip
     return task

@@ -37,7 +37,7 @@ def flat_numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return flat
 
 
-def prepare_step(params: dict, overrides: list, out_dir: str) -> dict[str, float]:
+def prepare_step(params: str | dict, overrides: list, out_dir: str) -> dict[str, float]:
     """Make or import the dataset into ``out_dir``; return its counts."""
     from moon3.data.prepare import prepare
 
@@ -50,18 +50,88 @@ def prepare_step(params: dict, overrides: list, out_dir: str) -> dict[str, float
     return flat_numbers(counts)
 
 
-def _input_root(path: str, uri: str) -> str:
-    """Where downstream pods find the input dataset's images: its ``gs://`` URI, else its local path."""
-    return uri if uri.startswith("gs://") else str(Path(path).resolve())
+def fingerprint_step(params: str | dict, overrides: list, dataset_uri: str = "") -> str:
+    """A content fingerprint of what ``prepare`` (or the importer of ``dataset_uri``) reads.
+
+    The fingerprint is an input of the data steps, so KFP's cache keys on the catalog's content, not on its
+    URI: a catalog replaced at the same ``gs://`` path re-runs prepare/validate; an unchanged one stays cached.
+
+    Returns:
+        ``kind:digest`` (``generated`` for the built-in sample).
+    """
+    from moon3.data.fingerprint import source_fingerprint
+
+    cfg = config_from_params(params, overrides)
+    if dataset_uri:  # an imported moon3-format folder: fingerprint it like a catalog of that path
+        cfg.data.source, cfg.data.source_path = "moon3", dataset_uri
+    found = source_fingerprint(cfg.data)
+    return f"{found['kind']}:{found.get('digest', cfg.data.source)}"
+
+
+MEDIA_DIR = "media"
+IMAGE_COLUMNS = ("image", "query_image")
+
+
+def carry_images(out_dir: str | Path, in_dir: str | Path) -> int:
+    """Copy the images the accepted tables in ``out_dir`` use from ``in_dir`` into ``out_dir/media``.
+
+    For a pipeline root other than ``gs://`` (MinIO, S3): a later pod receives only its input artifacts, never
+    the prepare artifact the tables pointed into, so the validated dataset must carry its images. Paths become
+    relative to ``out_dir`` (``media/images/x.png``), which every reader resolves against the table's folder.
+    Hard links when both folders share a filesystem, else copies. ``gs://`` URIs and absolute paths are kept.
+
+    Returns:
+        The number of files carried.
+    """
+    import pyarrow.parquet as pq
+
+    out, src_root = Path(out_dir).resolve(), Path(in_dir).resolve()
+    carried: set[Path] = set()
+    for table_path in sorted(out.glob("*.parquet")):
+        table = pq.read_table(table_path)
+        changed = False
+        for column in (c for c in IMAGE_COLUMNS if c in table.column_names):
+            values = table.column(column).to_pylist()
+            new_values = []
+            for value in values:
+                if not value or value.startswith("gs://") or os.path.isabs(value):
+                    new_values.append(value)
+                    continue
+                src = Path(os.path.normpath(out / value))
+                if not src.is_relative_to(src_root) or not src.is_file():
+                    new_values.append(value)  # outside the dataset (only in quarantined rows): left as written
+                    continue
+                rel = Path(MEDIA_DIR) / src.relative_to(src_root)
+                dest = out / rel
+                if src not in carried:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    if not dest.exists():
+                        try:
+                            os.link(src, dest)
+                        except OSError:
+                            shutil.copyfile(src, dest)
+                    carried.add(src)
+                new_values.append(rel.as_posix())
+            if new_values != values:
+                import pyarrow as pa
+
+                index = table.column_names.index(column)
+                table = table.set_column(index, table.schema.field(index), pa.array(new_values, pa.string()))
+                changed = True
+        if changed:
+            pq.write_table(table, table_path)
+    return len(carried)
 
 
 def validate_step(
-    params: dict, overrides: list, in_dir: str, in_uri: str, out_dir: str, quarantine_dir: str, report_dir: str
-) -> dict[str, Any]:
+    params: str | dict, overrides: list, in_dir: str, in_uri: str, out_dir: str, quarantine_dir: str,
+    report_dir: str,
+) -> dict[str, Any]:  # fmt: skip
     """Run the validation gate on ``in_dir``.
 
-    Image paths in the accepted tables are rebased onto the input artifact (``validation.image_root``), so the
-    accepted dataset stays small (no image copy) and resolves in any later pod.
+    With a ``gs://`` input artifact the accepted tables point at its images by URI (``validation.image_root``),
+    so the accepted dataset stays small and resolves in any pod. With any other pipeline root (MinIO, S3, a
+    local ``kfp.local`` folder) the accepted dataset carries its images (:func:`carry_images`).
 
     Returns:
         ``passed``, ``metrics`` (flat numbers), ``summary`` (one line per blocking failure, or ``passed``) and
@@ -70,10 +140,13 @@ def validate_step(
     from moon3.validation.gate import validate
 
     cfg = config_from_params(params, overrides)
-    if not cfg.validation.image_root:
-        cfg.validation.image_root = _input_root(in_dir, in_uri)
+    by_uri = in_uri.startswith("gs://")
+    if by_uri and not cfg.validation.image_root:
+        cfg.validation.image_root = in_uri
     result = validate(cfg.validation, in_dir=in_dir, out_dir=out_dir, quarantine_dir=quarantine_dir,
                       report_dir=report_dir, progress=False)  # fmt: skip
+    if result.passed and not by_uri and not cfg.validation.image_root:
+        print(f"validate: {carry_images(out_dir, in_dir)} images carried in the validated dataset", flush=True)
     lines = [f"{f.table}: {f.check} ({f.count}): {f.message or f.expectation}" for f in result.failures if f.blocking]
     return {
         "passed": bool(result.passed),
@@ -105,7 +178,9 @@ def work_folder(scratch_dir: str, run_id: str) -> Path:
     return Path(tempfile.mkdtemp(prefix="moon3-pretrain-"))
 
 
-def synthesize_step(params: dict, overrides: list, data_dir: str, traces_dir: str, report_dir: str) -> dict[str, Any]:
+def synthesize_step(
+    params: str | dict, overrides: list, data_dir: str, traces_dir: str, report_dir: str
+) -> dict[str, Any]:
     """Trace synthesis on the validated dataset: accepted traces to ``traces_dir``, reports to ``report_dir``.
 
     Returns:
@@ -122,7 +197,7 @@ def synthesize_step(params: dict, overrides: list, data_dir: str, traces_dir: st
 
 
 def pretrain_step(
-    params: dict,
+    params: str | dict,
     overrides: list,
     data_dir: str,
     model_dir: str,
@@ -133,8 +208,12 @@ def pretrain_step(
     scratch_dir: str = "",
     run_id: str = "",
     traces_dir: str = "",
+    ablation: str = "",
 ) -> dict[str, float]:
     """Contrastive pretraining; the trained model goes to ``model_dir``, the untrained one to ``init_dir``.
+
+    ``ablation`` (``no_fusion`` | ``no_fire`` | ``no_reasoning``) trains that variant (``train.ablation``) with
+    the same data, steps and seed, in its own folder on the scratch volume.
 
     One process trains in this process. More run ``accelerate launch`` (one process per GPU) over the
     training CLI with the DeepSpeed config; checkpoints stay on ``scratch_dir`` (a PVC), so a retried pod
@@ -145,9 +224,15 @@ def pretrain_step(
     """
     from moon3.pipelines.launch import accelerate_command, infra_path, train_args
 
+    if ablation:  # the variant's switch first, so an explicit override still wins (as `--ablation` on the CLI)
+        from moon3.train.ablations import ABLATIONS
+
+        if ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {ablation!r}; choose from {', '.join(ABLATIONS)}")
+        overrides = [*ABLATIONS[ablation], f"train.ablation={ablation}", *(overrides or [])]
     cfg = config_from_params(params, overrides)
     cfg.train.traces_dir = traces_dir  # the synthesize step's artifact ('' = none), never a pod-relative path
-    work = work_folder(scratch_dir, run_id)
+    work = work_folder(scratch_dir, f"{run_id}-{ablation}" if ablation else run_id)
     out, reports = work / "pretrain", work / "reports"
     env = dict(os.environ)
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlruns.db'}")
@@ -169,7 +254,7 @@ def pretrain_step(
 
 
 def rl_step(
-    params: dict,
+    params: str | dict,
     overrides: list,
     dataset_dir: str,
     init_model_dir: str,
@@ -206,7 +291,7 @@ def rl_step(
 
 
 def pretrain_trainjob_step(
-    params: dict,
+    params: str | dict,
     overrides: list,
     pipeline: dict,
     data_dir: str,
@@ -216,17 +301,34 @@ def pretrain_trainjob_step(
     run_id: str,
     api: Any = None,
     traces_dir: str = "",
+    pipeline_version: str = "",
+    sleep: Any = None,
 ) -> dict[str, float]:
     """Multi-node pretraining as a Kubeflow Trainer TrainJob on the shared claim mounted at ``pvc_mount_path``.
 
     Copies the dataset tables and the config to ``<mount>/<run_id>``, submits the TrainJob, waits, and copies
     the model back. Images are read where the tables point (``gs://`` in a cluster), not copied.
+
+    The TrainJob is labelled with the run id and ``pipeline_version`` (default: ``$MOON3_PIPELINE_VERSION``),
+    owned by this pod (see :func:`moon3.pipelines.trainjob.launcher_owner`), and deleted when the wait fails,
+    times out, or this pod receives SIGTERM (run terminated); a completed one is kept (its logs, and a retried
+    pod whose copy failed reuses it instead of training again). ``api`` and ``sleep`` (the poll's) are for tests.
+
+    Raises:
+        RuntimeError: the TrainJob failed.
+        TimeoutError: it did not finish within ``pipeline.trainjob_timeout_s``.
+        moon3.pipelines.trainjob.Terminated: SIGTERM (exit status 143).
     """
     from moon3.pipelines.launch import infra_path, torchrun_command, train_args
     from moon3.pipelines.trainjob import (
         apply_trainjob,
         build_trainjob,
         current_namespace,
+        custom_objects_api,
+        delete_trainjob,
+        launcher_owner,
+        raise_on_sigterm,
+        trainjob_labels,
         trainjob_name,
         wait_for_trainjob,
     )
@@ -244,10 +346,25 @@ def pretrain_trainjob_step(
     args = train_args(write_params(cfg, work / "params.yaml"), work / "data", work / "pretrain", work / "reports")
     env = {"MLFLOW_TRACKING_URI": pc.mlflow_tracking_uri} if pc.mlflow_tracking_uri else None
     namespace = pc.trainjob_namespace or current_namespace()
-    manifest = build_trainjob(trainjob_name(run_id), pc, torchrun_command(args), claim_name, namespace, env=env)
-    apply_trainjob(manifest, api)
-    print(f"submitted TrainJob {namespace}/{manifest['metadata']['name']}", flush=True)
-    wait_for_trainjob(manifest["metadata"]["name"], namespace, api, timeout_s=pc.trainjob_timeout_s)
+    labels = trainjob_labels(run_id, pipeline_version or os.environ.get("MOON3_PIPELINE_VERSION", ""))
+    name = trainjob_name(run_id)
+    manifest = build_trainjob(name, pc, torchrun_command(args), claim_name, namespace, env=env, labels=labels,
+                              owner=launcher_owner(namespace))  # fmt: skip
+    api = api or custom_objects_api()
+    finished = False
+    with raise_on_sigterm():
+        try:
+            apply_trainjob(manifest, api, sleep=sleep)
+            print(f"submitted TrainJob {namespace}/{name}", flush=True)
+            wait_for_trainjob(name, namespace, api, timeout_s=pc.trainjob_timeout_s, sleep=sleep)
+            finished = True
+        finally:
+            if not finished:  # failed, timed out, terminated: free the GPU nodes now
+                try:
+                    if delete_trainjob(name, namespace, api):
+                        print(f"deleted TrainJob {namespace}/{name}", flush=True)
+                except Exception as err:  # noqa: BLE001 - never hide the error that got us here
+                    print(f"could not delete TrainJob {namespace}/{name}: {err}", flush=True)
     _copy_model(work / "pretrain" / "final", model_dir)
     _copy_model(work / "pretrain" / "init", init_dir)
     summary = json.loads((work / "reports" / "train_metrics.json").read_text())
@@ -281,19 +398,21 @@ def read_confusion(out_dir: str | Path, variant: str = "trained") -> tuple[list[
 
 
 def evaluate_step(
-    params: dict,
+    params: str | dict,
     overrides: list,
     data_dir: str,
     model_dir: str,
     baseline_dir: str,
     out_dir: str,
     pretrained_dir: str = "",
+    ablation_dirs: dict[str, str] | None = None,
 ) -> dict:
     """Evaluate the trained model and its untrained baseline on the eval split of ``data_dir``.
 
     Runs the evaluation stage as the CLI does (``eval.model_dir`` / ``eval.baseline_dir`` pointed at the model
     artifacts; ablation folders that are not in this pod are listed as not evaluated). ``pretrained_dir`` (the
-    pretrained model before RL, when ``model_dir`` is the RL model) becomes ``eval.ablation_dirs.no_rl``.
+    pretrained model before RL, when ``model_dir`` is the RL model) becomes ``eval.ablation_dirs.no_rl``;
+    ``ablation_dirs`` (name -> folder, the pipeline's ablation variants) are added the same way.
 
     Returns:
         ``metrics`` (flat ``variant/kind/task/metric`` numbers), ``confusion`` (labels, matrix of the trained
@@ -305,6 +424,8 @@ def evaluate_step(
     cfg.eval.model_dir, cfg.eval.baseline_dir, cfg.eval.out_dir = model_dir, baseline_dir, out_dir
     if pretrained_dir:
         cfg.eval.ablation_dirs = {**cfg.eval.ablation_dirs, "no_rl": pretrained_dir}
+    if ablation_dirs:
+        cfg.eval.ablation_dirs = {**cfg.eval.ablation_dirs, **ablation_dirs}
     run_evaluation(cfg, data_dir, out_dir, progress=False)
     out = Path(out_dir)
     return {

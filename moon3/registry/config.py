@@ -57,3 +57,14 @@ class PromotionConfig:
     lock_timeout_s: float = field(
         default=900.0, metadata={"help": "A promotion lock older than this is stale and may be broken (seconds)."}
     )
+    canary_traffic_percent: int = field(
+        default=10,
+        metadata={
+            "help": "Traffic share (0-100) of a newly promoted champion's revision in the InferenceService rendered "
+            "on promotion; a first champion gets 100 (no earlier revision to split with)."
+        },
+    )
+    render_dir: str = field(
+        default="reports/promotion",
+        metadata={"help": "Where a promotion writes the new champion's manifests.yaml and promotion.json."},
+    )

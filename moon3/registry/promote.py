@@ -56,11 +56,11 @@ class PromotionError(RuntimeError):
 
 
 class GateFailed(PromotionError):
-    """The challenger failed the gate; ``rows`` is the table."""
+    """The challenger failed the gate; ``rows`` is the table, ``version`` / ``champion`` the two versions."""
 
-    def __init__(self, rows: list[GateRow]) -> None:
+    def __init__(self, rows: list[GateRow], version: str = "", champion: str | None = None) -> None:
         super().__init__("the challenger failed the promotion gate:\n" + format_table(rows))
-        self.rows = rows
+        self.rows, self.version, self.champion = rows, version, champion
 
 
 class PromotionConflict(PromotionError):
@@ -313,7 +313,7 @@ def promote(cfg: Any, client: Any, version: str | None = None, dry_run: bool = F
     champion_metrics = version_metrics(client, name, expected) if expected else None
     rows = evaluate_gate(version_metrics(client, name, version), champion_metrics, pcfg)
     if not passed(rows):
-        raise GateFailed(rows)
+        raise GateFailed(rows, version, expected)
     if dry_run:
         return PromotionResult(version, expected, rows, False)
     lock = _acquire_lock(client, name, pcfg.lock_timeout_s, f"promote v{version}")

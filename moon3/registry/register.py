@@ -3,7 +3,8 @@
 One registration = one MLflow run (experiment ``promotion.experiment``) holding the model folder (artifact
 ``model/``), its contract (``contract/moon3_config.json``) and the evaluation metrics (``eval/metrics.json``, also
 logged as run metrics), plus a model version whose source is that ``model/`` folder. Lineage tags, on both the run
-and the version: ``data_version`` (the ``data/validated`` md5 in ``dvc.lock``), ``git_sha``, ``params_hash`` and
+and the version: ``data_version`` (given by the caller, e.g. the pipeline's fingerprint of the validated dataset,
+else the ``data/validated`` md5 in ``dvc.lock``), ``git_sha``, ``params_hash`` and
 ``pipeline_run_id``. Walk it from either end: version -> run -> data hash, or search versions by tag.
 """
 
@@ -44,6 +45,9 @@ def data_version(lock_file: str | Path = "dvc.lock", path: str = "data/validated
     return ""
 
 
+_lock_data_version = data_version  # register_model's argument of the same name shadows it
+
+
 def flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """Finite numbers of a nested metrics dict as ``a/b/c`` keys (``deltas`` and booleans left out)."""
     out: dict[str, float] = {}
@@ -79,6 +83,7 @@ def register_model(
     pipeline_run_id: str = "",
     client: Any = None,
     lock_file: str | Path = "dvc.lock",
+    data_version: str = "",
 ) -> Any:
     """Register ``model_dir`` with its contract and evaluation metrics; alias the new version ``challenger``.
 
@@ -88,7 +93,9 @@ def register_model(
         cfg: the full :class:`~moon3.config.Moon3Config` (its ``promotion`` section, and its hash as a tag).
         pipeline_run_id: id of the pipeline run that produced the model ('' outside a pipeline).
         client: an ``MlflowClient`` (default: one for ``promotion.tracking_uri``).
-        lock_file: ``dvc.lock`` whose ``data/validated`` md5 is the data version.
+        lock_file: ``dvc.lock`` whose ``data/validated`` md5 is the data version when none is given.
+        data_version: the data version tag ('' = from ``lock_file``): a pipeline has no ``dvc.lock`` and passes
+            the validated dataset's content fingerprint.
 
     Returns:
         The new ``ModelVersion``.
@@ -105,7 +112,7 @@ def register_model(
     metrics_path = Path(metrics_file)
     metrics = json.loads(metrics_path.read_text())
     tags = {
-        "data_version": data_version(lock_file),
+        "data_version": data_version or _lock_data_version(lock_file),
         "git_sha": git_sha() or "",
         "params_hash": params_hash(cfg.to_dict()),
         "pipeline_run_id": pipeline_run_id,

@@ -4,6 +4,10 @@ Each object is created, or, when it exists (409), replaced at its current ``reso
 ``storage_uri`` with ``canary_traffic_percent`` below 100 makes KServe roll out a canary revision beside the
 previous one. The API is ``kubernetes.client.CustomObjectsApi`` (KServe's objects are custom resources);
 credentials are the pod's service account in a cluster, else the local kubeconfig.
+
+Given a registry version (``registry_version``), the InferenceService carries its name, version and run id
+(:class:`~moon3.serve.manifests.RegistryRef`), and once applied the version is tagged with where it is served
+(``served_isvc``, ``served_at``, ``served_state=applied``): lineage from either end.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 from moon3.common.redact import redact_text
 from moon3.pipelines.params import config_from_params
 from moon3.serve.config import ServeConfig
-from moon3.serve.manifests import render, round_trip, to_yaml
+from moon3.serve.manifests import RegistryRef, render, round_trip, to_yaml
 
 # kind -> (group, version, plural)
 RESOURCES = {
@@ -74,9 +78,11 @@ def apply_manifests(manifests: list[dict[str, Any]], api: Any) -> list[dict[str,
 
 
 def prepare(cfg: ServeConfig, storage_uri: str = "", index_uri: str | None = None, namespace: str = "",
-            variant: str = "") -> list[dict[str, Any]]:  # fmt: skip
+            variant: str = "", registry: RegistryRef | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Render the manifests with the deployment's own values (each empty argument keeps ``cfg``'s) and check
     that each parses back into the KServe models unchanged.
+
+    ``registry``: the registry version served (annotations and labels on the InferenceService).
 
     Raises:
         ValueError: a bad setting (variant, replicas, storage URI) or a manifest the KServe models reject.
@@ -84,7 +90,7 @@ def prepare(cfg: ServeConfig, storage_uri: str = "", index_uri: str | None = Non
     cfg.storage_uri = storage_uri or cfg.storage_uri
     cfg.index_uri = cfg.index_uri if index_uri is None else index_uri
     cfg.namespace = namespace or cfg.namespace
-    manifests = render(cfg, variant or None)
+    manifests = render(cfg, variant or None, registry)
     for manifest in manifests:
         if round_trip(manifest) != manifest:
             raise ValueError(f"{manifest['kind']}: the rendered manifest does not round-trip through the KServe models")
@@ -92,7 +98,7 @@ def prepare(cfg: ServeConfig, storage_uri: str = "", index_uri: str | None = Non
 
 
 def deploy_step(
-    params: dict,
+    params: dict | str,
     overrides: list,
     storage_uri: str,
     out_dir: str,
@@ -101,11 +107,15 @@ def deploy_step(
     variant: str = "",
     dry_run: bool = False,
     api: Any = None,
+    registry_version: str = "",
+    registry_client: Any = None,
+    image: str = "",
+    gpu_image: str = "",
 ) -> dict[str, Any]:
     """The ``deploy`` KFP step: render from the pipeline's params, write ``manifests.yaml``, apply.
 
     Args:
-        params: the pipeline's ``params`` (sections of ``params.yaml``).
+        params: the pipeline's ``params`` (sections of ``params.yaml``: YAML/JSON text or a struct).
         overrides: ``section.key=value`` strings.
         storage_uri: the model folder's URI (the model artifact's ``gs://`` URI).
         out_dir: where ``manifests.yaml`` and ``deploy.json`` go.
@@ -114,20 +124,41 @@ def deploy_step(
         variant: ``cpu`` | ``gpu`` ('' = ``serve.variant``).
         dry_run: render and write only.
         api: a ``CustomObjectsApi`` (default: :func:`make_api`).
+        registry_version: the version (or alias) of ``promotion.model_name`` being served ('' = none): the
+            InferenceService is annotated with it, an empty ``storage_uri`` becomes the version's source, and
+            after applying, the version is tagged ``served_isvc`` / ``served_at``.
+        registry_client: an ``MlflowClient`` (default: one for ``promotion.tracking_uri``).
+        image: serving image of the CPU variant ('' = ``serve.image``): the pipeline passes the image it ran.
+        gpu_image: serving image of the GPU variant ('' = ``serve.gpu_image``).
 
     Returns:
-        ``applied`` (one entry per object, empty on a dry run), ``isvc`` and ``summary`` (one line).
+        ``applied`` (one entry per object, empty on a dry run), ``isvc``, ``registry_version`` ('' if none) and
+        ``summary`` (one line).
     """
-    cfg = config_from_params(params, overrides).serve
-    manifests = prepare(cfg, storage_uri, index_uri, namespace, variant)
+    full = config_from_params(params, overrides)
+    cfg = full.serve
+    cfg.image, cfg.gpu_image = image or cfg.image, gpu_image or cfg.gpu_image
+    ref, client = None, None
+    if registry_version:
+        from moon3.registry.lineage import resolve_version, tag_served
+        from moon3.registry.register import client_for
+
+        client = registry_client or client_for(full.promotion.tracking_uri)
+        mv = resolve_version(client, full.promotion.model_name, registry_version)
+        ref = RegistryRef(full.promotion.model_name, str(mv.version), mv.run_id or "")
+        storage_uri = storage_uri or mv.source
+    manifests = prepare(cfg, storage_uri, index_uri, namespace, variant, ref)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifests.yaml").write_text(to_yaml(manifests))
     applied = [] if dry_run else apply_manifests(manifests, api if api is not None else make_api())
     isvc = f"{cfg.namespace}/{cfg.isvc_name}"
+    if ref is not None and not dry_run:
+        tag_served(client, ref.model, ref.version, isvc, "applied")
     canary = f", canary {cfg.canary_traffic_percent}%" if cfg.canary_traffic_percent < 100 else ""
     what = "rendered (dry run)" if dry_run else ", ".join(f"{a['kind']} {a['action']}" for a in applied)
-    summary = f"{isvc} ({variant or cfg.variant}{canary}) from {redact_text(cfg.storage_uri)}: {what}"
-    result = {"applied": applied, "isvc": isvc, "summary": summary}
+    served = f" v{ref.version} of {ref.model}" if ref else ""
+    summary = f"{isvc} ({variant or cfg.variant}{canary}){served} from {redact_text(cfg.storage_uri)}: {what}"
+    result = {"applied": applied, "isvc": isvc, "registry_version": ref.version if ref else "", "summary": summary}
     (out / "deploy.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

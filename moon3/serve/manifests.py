@@ -15,6 +15,8 @@ parses a manifest back into them, the offline check the tests use.
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -32,6 +34,40 @@ SERVING_KEYS = ("model_name", "search_name", "demo", "batching", "max_batch_size
                 "max_items_per_request", "max_request_bytes", "max_image_bytes", "max_image_pixels",
                 "max_text_chars", "default_top_k", "max_top_k", "torch_threads")  # fmt: skip
 VARIANTS = ("cpu", "gpu")
+REGISTRY_MODEL, REGISTRY_VERSION, REGISTRY_RUN_ID = (
+    "moon3.io/registry-model",
+    "moon3.io/registry-version",
+    "moon3.io/registry-run-id",
+)
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+@dataclass(frozen=True)
+class RegistryRef:
+    """The MLflow registry version an InferenceService serves: registered model name, version, run id."""
+
+    model: str
+    version: str
+    run_id: str = ""
+
+    def annotations(self) -> dict[str, str]:
+        """The ``moon3.io/registry-*`` annotations (empty values left out)."""
+        values = {REGISTRY_MODEL: self.model, REGISTRY_VERSION: str(self.version), REGISTRY_RUN_ID: self.run_id}
+        return {k: v for k, v in values.items() if v}
+
+    def labels(self) -> dict[str, str]:
+        """The same keys as labels, where the value is a valid label value (<= 63 characters, [-_.A-Za-z0-9])."""
+        return {k: v for k, v in self.annotations().items() if _LABEL_VALUE.match(v)}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any] | None) -> RegistryRef | None:
+        """Read the reference back from an object's ``metadata`` (annotations first, then labels); None if absent."""
+        metadata = metadata or {}
+        found = {**(metadata.get("labels") or {}), **(metadata.get("annotations") or {})}
+        model, version = found.get(REGISTRY_MODEL), found.get(REGISTRY_VERSION)
+        if not model or not version:
+            return None
+        return cls(str(model), str(version), str(found.get(REGISTRY_RUN_ID, "")))
 
 
 def format_version() -> str:
@@ -93,8 +129,11 @@ def serving_args(cfg: ServeConfig) -> list[str]:
     return args
 
 
-def inference_service(cfg: ServeConfig, variant: str | None = None) -> Any:
+def inference_service(cfg: ServeConfig, variant: str | None = None, registry: RegistryRef | None = None) -> Any:
     """The ``InferenceService`` of ``variant`` (default ``cfg.variant``) as a ``V1beta1InferenceService``.
+
+    ``registry``: the registry version being served; its name, version and run id become annotations and labels
+    of the InferenceService and of its predictor (the revision).
 
     Raises:
         ValueError: an unknown variant, no storage URI, or min_replicas above max_replicas.
@@ -125,8 +164,12 @@ def inference_service(cfg: ServeConfig, variant: str | None = None) -> Any:
     tolerations = None
     if gpu and cfg.gpu_tolerations:
         tolerations = [k8s.V1Toleration(**t) for t in cfg.gpu_tolerations]
+    lineage_annotations = registry.annotations() if registry else {}
+    lineage_labels = registry.labels() if registry else {}
     predictor = kserve.V1beta1PredictorSpec(
         model=model,
+        annotations=lineage_annotations or None,
+        labels=lineage_labels or None,
         min_replicas=cfg.min_replicas,
         max_replicas=cfg.max_replicas,
         canary_traffic_percent=cfg.canary_traffic_percent if cfg.canary_traffic_percent < 100 else None,
@@ -134,7 +177,9 @@ def inference_service(cfg: ServeConfig, variant: str | None = None) -> Any:
         node_selector=dict(cfg.gpu_node_selector) if gpu and cfg.gpu_node_selector else None,
         tolerations=tolerations,
     )
-    meta = k8s.V1ObjectMeta(name=cfg.isvc_name, namespace=cfg.namespace, labels=_labels(cfg, variant))
+    meta = k8s.V1ObjectMeta(name=cfg.isvc_name, namespace=cfg.namespace,
+                            labels={**_labels(cfg, variant), **lineage_labels},
+                            annotations=lineage_annotations or None)  # fmt: skip
     return kserve.V1beta1InferenceService(api_version=f"{GROUP}/v1beta1", kind="InferenceService", metadata=meta,
                                           spec=kserve.V1beta1InferenceServiceSpec(predictor=predictor))  # fmt: skip
 
@@ -214,9 +259,37 @@ def round_trip(manifest: dict[str, Any]) -> dict[str, Any]:
     return to_dict(parse(manifest, kinds[kind], kind))
 
 
-def render(cfg: ServeConfig, variant: str | None = None) -> list[dict[str, Any]]:
-    """The ServingRuntime and the InferenceService of ``variant``, as dicts, in the order to apply them."""
-    return [to_dict(serving_runtime(cfg)), to_dict(inference_service(cfg, variant))]
+def render(cfg: ServeConfig, variant: str | None = None, registry: RegistryRef | None = None) -> list[dict[str, Any]]:
+    """The ServingRuntime and the InferenceService of ``variant``, as dicts, in the order to apply them.
+
+    ``registry``: the registry version served (annotations and labels, :func:`inference_service`).
+    """
+    return [to_dict(serving_runtime(cfg)), to_dict(inference_service(cfg, variant, registry))]
+
+
+def find_inference_service(documents: list[Any]) -> dict[str, Any]:
+    """The InferenceService among parsed YAML documents: rendered manifests, or ``kubectl get isvc -o yaml``
+    output (a single object, or a ``List`` of them: the first InferenceService is taken).
+
+    Raises:
+        ValueError: no InferenceService in ``documents``.
+    """
+    for doc in documents:
+        if not isinstance(doc, dict):
+            continue
+        if doc.get("kind") == "InferenceService":
+            return doc
+        if doc.get("kind") == "List" or "items" in doc:
+            for item in doc.get("items") or []:
+                if isinstance(item, dict) and item.get("kind") == "InferenceService":
+                    return item
+    raise ValueError("no InferenceService in the given YAML")
+
+
+def registry_ref(isvc: dict[str, Any]) -> RegistryRef | None:
+    """The registry version an InferenceService dict serves (its metadata, else its predictor's); None if absent."""
+    predictor = (isvc.get("spec") or {}).get("predictor") or {}
+    return RegistryRef.from_metadata(isvc.get("metadata")) or RegistryRef.from_metadata(predictor)
 
 
 def to_yaml(manifests: list[dict[str, Any]]) -> str:
