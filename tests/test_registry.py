@@ -575,6 +575,22 @@ def test_registry_components_and_deploy_with_a_registry_version(cfg, model_dir, 
     for component in (components.register, components.gate, deploy):
         compiler.Compiler().compile(component, str(tmp_path / "c.yaml"))
         assert "moon3." in (tmp_path / "c.yaml").read_text()
+    # The CLI: `moon3 deploy --registry-version champion` serves the version's source with its annotations.
+    from typer.testing import CliRunner
+
+    from moon3.cli import app
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    result = CliRunner().invoke(app, ["deploy", "--params", str(params_file), "--dry-run", "--registry-version",
+                                      CHAMPION])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    docs = [d for d in yaml.safe_load_all(result.output) if d and d["kind"] == "InferenceService"]
+    version = client_for(cfg.promotion.tracking_uri).get_model_version(cfg.promotion.model_name, reg.version)
+    assert docs[0]["metadata"]["labels"]["moon3.io/registry-version"] == reg.version
+    assert docs[0]["spec"]["predictor"]["model"]["storageUri"] == version.source
+    missing = CliRunner().invoke(app, ["deploy", "--params", str(params_file), "--dry-run", "--registry-version", "99"])
+    assert missing.exit_code == 2 and "99" in missing.output
 
 
 def test_cli_promote_renders_and_lineage(cfg, model_dir, tmp_path):

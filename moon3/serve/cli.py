@@ -111,14 +111,23 @@ def deploy_cmd(
         None, "--out", help="Also write servingruntime.yaml and inferenceservice-{cpu,gpu}.yaml into this folder."
     ),
     context: str = typer.Option(None, help="kubeconfig context (outside a cluster)."),
+    registry_version: str = typer.Option(
+        None,
+        "--registry-version",
+        help="Serve this registry version or alias of promotion.model_name (e.g. champion): annotates the "
+        "InferenceService with it (lineage), serves its source unless --storage-uri, tags it served_isvc.",
+    ),
 ) -> None:
     """Render the KServe ServingRuntime and InferenceService from params.yaml; apply them unless --dry-run."""
-    from moon3.serve.deploy import DeployError, apply_manifests, make_api, prepare
+    from moon3.registry.lineage import LineageError, tag_served
+    from moon3.serve.deploy import DeployError, apply_manifests, make_api, prepare, resolve_registry
     from moon3.serve.manifests import inference_service, serving_runtime, to_dict, to_yaml
 
-    cfg = _config(params, overrides).serve
+    full = _config(params, overrides)
+    cfg = full.serve
     try:
-        manifests = prepare(cfg, storage_uri or "", index_uri, namespace or "", variant or "")
+        ref, client, source = resolve_registry(full, registry_version or "")
+        manifests = prepare(cfg, storage_uri or source, index_uri, namespace or "", variant or "", ref)
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             header = (
@@ -130,7 +139,7 @@ def deploy_cmd(
                 isvc = to_yaml([to_dict(inference_service(cfg, name))])
                 (out_dir / f"inferenceservice-{name}.yaml").write_text(header + isvc)
             console.print(f"wrote {out_dir}/servingruntime.yaml, inferenceservice-cpu.yaml, inferenceservice-gpu.yaml")
-    except ValueError as err:
+    except (ValueError, LineageError) as err:
         console.print(f"[red]deploy:[/red] {err}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
     if dry_run:
@@ -143,6 +152,8 @@ def deploy_cmd(
         raise typer.Exit(1) from None
     for a in applied:
         console.print(f"{a['kind']} {a['namespace']}/{a['name']}: {a['action']}", highlight=False)
+    if ref is not None:
+        tag_served(client, ref.model, ref.version, f"{cfg.namespace}/{cfg.isvc_name}", "applied")
 
 
 def register(app: typer.Typer) -> None:

@@ -97,6 +97,23 @@ def prepare(cfg: ServeConfig, storage_uri: str = "", index_uri: str | None = Non
     return manifests
 
 
+def resolve_registry(cfg: Any, registry_version: str, client: Any = None) -> tuple[Any, Any, str]:
+    """``(RegistryRef, MlflowClient, model source URI)`` of ``registry_version`` (a number or an alias) of
+    ``promotion.model_name``; ``(None, None, "")`` when no version is given.
+
+    Raises:
+        moon3.registry.lineage.LineageError: no such version or alias.
+    """
+    if not registry_version:
+        return None, None, ""
+    from moon3.registry.lineage import resolve_version
+    from moon3.registry.register import client_for
+
+    client = client or client_for(cfg.promotion.tracking_uri)
+    mv = resolve_version(client, cfg.promotion.model_name, registry_version)
+    return RegistryRef(cfg.promotion.model_name, str(mv.version), mv.run_id or ""), client, mv.source or ""
+
+
 def deploy_step(
     params: dict | str,
     overrides: list,
@@ -138,22 +155,16 @@ def deploy_step(
     full = config_from_params(params, overrides)
     cfg = full.serve
     cfg.image, cfg.gpu_image = image or cfg.image, gpu_image or cfg.gpu_image
-    ref, client = None, None
-    if registry_version:
-        from moon3.registry.lineage import resolve_version, tag_served
-        from moon3.registry.register import client_for
-
-        client = registry_client or client_for(full.promotion.tracking_uri)
-        mv = resolve_version(client, full.promotion.model_name, registry_version)
-        ref = RegistryRef(full.promotion.model_name, str(mv.version), mv.run_id or "")
-        storage_uri = storage_uri or mv.source
-    manifests = prepare(cfg, storage_uri, index_uri, namespace, variant, ref)
+    ref, client, source = resolve_registry(full, registry_version, registry_client)
+    manifests = prepare(cfg, storage_uri or source, index_uri, namespace, variant, ref)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifests.yaml").write_text(to_yaml(manifests))
     applied = [] if dry_run else apply_manifests(manifests, api if api is not None else make_api())
     isvc = f"{cfg.namespace}/{cfg.isvc_name}"
     if ref is not None and not dry_run:
+        from moon3.registry.lineage import tag_served
+
         tag_served(client, ref.model, ref.version, isvc, "applied")
     canary = f", canary {cfg.canary_traffic_percent}%" if cfg.canary_traffic_percent < 100 else ""
     what = "rendered (dry run)" if dry_run else ", ".join(f"{a['kind']} {a['action']}" for a in applied)
