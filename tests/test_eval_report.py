@@ -88,10 +88,14 @@ def test_report_states_its_provenance(report):
     md = Path(out["paths"]["markdown"]).read_text()
     head = md.split("## Comparison")[0]
     assert f"- Dataset: {root} (source: mbe3-mini, from params data.source)" in head
-    assert f"params hash {prov['params']['hash']} (whole config)" in head and "Code: git " in head
+    assert "run.json beside this report" in head and "Code: git " not in head
     assert "Eval queries by type: total" in head
+    # What changes from run to run (commit, whole-config hash, date, timings) is in run.json, not the DVC outputs.
+    run = json.loads(Path(out["paths"]["run"]).read_text())
+    assert run["params"]["hash"] == prov["params"]["hash"] and run["code"] == prov["code"]
+    assert run["date"] == prov["date"] and set(run["seconds"]) == set(out["seconds"])
     results = json.loads(Path(out["paths"]["results"]).read_text())
-    assert results["provenance"]["params"]["hash"] == prov["params"]["hash"]
+    assert not {"code", "params", "date"} & set(results["provenance"]) and "seconds" not in results
 
 
 def test_report_warns_when_below_the_references(report):

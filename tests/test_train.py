@@ -131,11 +131,16 @@ def test_sigkill_then_resume_matches_uninterrupted_run(mini_dataset, init_model,
     # Killed after its first checkpoint (step 4; step 8 if this machine is very fast) and before the end.
     interrupted_at = int(latest_checkpoint(killed).name.split("-")[1])
     assert interrupted_at in (4, 8) and not (killed / "final").exists()
+    # The MLflow run id a resume continues is in the reports' run.json, not in the checkpoint (a DVC output).
+    run_id = json.loads((killed / "reports" / "run.json").read_text())["mlflow_run_id"]
+    assert run_id and "mlflow_run_id" not in (latest_checkpoint(killed) / "state.json").read_text()
 
     resumed = subprocess.run(_train_cmd(killed, mini_dataset, sets, resume=True), env=env,
                              capture_output=True, text=True)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and f"(step {interrupted_at})" in resumed.stdout
+    resumed_run = json.loads((killed / "reports" / "run.json").read_text())
+    assert resumed_run["mlflow_run_id"] == run_id and resumed_run["pairs_per_second"] > 0
     a = Moon3Embedder.from_pretrained(reference / "final").state_dict()
     b = Moon3Embedder.from_pretrained(killed / "final").state_dict()
     assert a.keys() == b.keys()

@@ -162,7 +162,7 @@ def log_to_mlflow(result: dict[str, Any], experiment: str, run_name: str = "eval
         tags = {"git_sha": prov.get("code", {}).get("git_sha"), "params_hash": prov.get("params", {}).get("hash")}
         mlflow.set_tags({k: v for k, v in tags.items() if v})
         paths = result["paths"]
-        for key in ("html", "markdown", "metrics", "results"):
+        for key in ("html", "markdown", "metrics", "results", "run"):
             mlflow.log_artifact(paths[key], artifact_path="eval")
         mlflow.log_artifacts(paths["plots"], artifact_path="eval/plots")
         return run.info.run_id

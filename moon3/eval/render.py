@@ -85,6 +85,12 @@ def provenance_lines(prov: dict[str, Any]) -> list[str]:
             f"Model {', '.join(variants)}: {m['path']}: {training}; switches {switches}; contract reasoning "
             f"{'on' if c.get('reasoning') else 'off'}, trained with traces {_yes_no(c.get('trained_with_traces'))}"
         )
+    if "code" not in prov:  # the report files: what changes from run to run is in run.json beside them
+        lines.append(
+            "Code and params of a DVC run: its dvc.lock entry (md5 of the code the stage imports, the params it "
+            "reads); this run's git commit, whole-config params hash, date and timings: run.json beside this report"
+        )
+        return lines
     code, params = prov["code"], prov["params"]
     dirty = {True: " (dirty: uncommitted changes)", False: "", None: ""}[code.get("dirty")]
     lines.append(

@@ -15,6 +15,10 @@ Files written under ``out_dir``::
     plots/confusion_level_<n>_<v>.png category confusion matrix of variant ``v`` (first level with 2+ names)
     report.html                       one self-contained file (PNGs and thumbnails inlined), browsers and KFP UI
     report.md                         the same tables, PNGs linked
+    run.json                          what changes from run to run of the same inputs, so it is in none of the
+                                      files above (DVC outputs, reproduced byte for byte): seconds per variant,
+                                      ms per generated trace, the git commit and dirty flag, the whole-config
+                                      params hash and the date (:func:`run_record`)
 
 Metric names avoid ``@`` (``recall_at_10``) because MLflow rejects it in metric keys.
 
@@ -142,12 +146,54 @@ def finite_only(node: Any, path: str = "", dropped: list[str] | None = None, as_
     return node
 
 
+RUN_FILE = "run.json"
+# Provenance entries that differ between two runs of the same stage inputs: the checkout (a new commit, uncommitted
+# changes), the configuration outside the stage's DVC params, the clock. The code and params the stage reads are in
+# its dvc.lock entry.
+RUN_PROVENANCE_KEYS = ("code", "params", "date")
+RUN_TRACE_KEYS = ("ms_per_trace",)  # wall-clock trace statistics
+
+
+def run_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """What :data:`RUN_FILE` holds: the summary's wall-clock numbers (``seconds`` per variant, ``ms_per_trace``
+    per reasoning variant) and its run-dependent provenance (``code``, ``params``, ``date``)."""
+    prov = summary.get("provenance") or {}
+    traces = {}
+    for variant, mode in summary.get("modes", {}).items():
+        timings = {k: v for k, v in (mode.get("trace_stats") or {}).items() if k in RUN_TRACE_KEYS}
+        if timings:
+            traces[variant] = timings
+    return {
+        "seconds": dict(summary.get("seconds", {})),
+        "trace_stats": traces,
+        **{key: prov[key] for key in RUN_PROVENANCE_KEYS if key in prov},
+    }
+
+
+def without_run_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` less what :func:`run_record` takes: what the DVC-tracked files are written from."""
+    modes = {}
+    for variant, mode in summary.get("modes", {}).items():
+        stats = mode.get("trace_stats")
+        modes[variant] = {**mode, "trace_stats": _without(stats, RUN_TRACE_KEYS)} if stats else mode
+    out = {k: v for k, v in summary.items() if k != "seconds"}
+    out["modes"] = modes
+    if summary.get("provenance"):
+        out["provenance"] = _without(summary["provenance"], RUN_PROVENANCE_KEYS)
+    return out
+
+
+def _without(values: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in keys}
+
+
 def metrics_json(summary: dict[str, Any]) -> dict[str, Any]:
     """The document of ``metrics.json`` (see the module docstring): numbers, plus ``skipped`` and ``derived``
     when there are any; a number that is not finite is left out and listed in ``skipped["not_finite"]``."""
     out: dict[str, Any] = {}
     for variant, block in summary["metrics"].items():
         stats = summary.get("modes", {}).get(variant, {}).get("trace_stats")
+        stats = _without(stats or {}, RUN_TRACE_KEYS)  # its timings go to run.json
         out[variant] = {**block, "reasoning": stats} if stats else block
     out.update(summary.get("reference_rows", {}))
     out["deltas"] = deltas_as_metrics(summary.get("deltas", []))
@@ -215,6 +261,9 @@ def write_report(
     out = Path(out_dir)
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
+    run = run_record(summary)
+    (out / RUN_FILE).write_text(json.dumps(finite_only(run, as_null=True), indent=2, default=str) + "\n")
+    summary = without_run_record(summary)
     metrics = metrics_json(summary) if metrics is None else metrics
     (out / "metrics.json").write_text(json.dumps(finite_only(metrics), indent=2, allow_nan=False) + "\n")
     results = json.loads(json.dumps(_without_thumbnails(summary), default=str))  # plain JSON types, then finite
@@ -230,4 +279,5 @@ def write_report(
         "markdown": str(out / "report.md"),
         "plots": str(plot_dir),
         "plot_data": ";".join(str(p) for p in csvs),
+        "run": str(out / RUN_FILE),
     }

@@ -34,7 +34,7 @@ KIND_TITLES = {
 }
 SKIPPED = "skipped"
 NOT_APPLICABLE = "—"
-TRACE_FIELDS = ("closure_rate", "mean_trace_tokens", "ms_per_trace", "n")
+TRACE_FIELDS = ("closure_rate", "mean_trace_tokens", "n")  # no timings: they are in run.json, not the report
 ROLE_TITLES = {
     "ablation": "Ablations vs trained",
     "baseline": "Baselines vs trained",
@@ -147,14 +147,14 @@ def detail_tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[li
 
 
 def mode_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Each variant's embedding mode, its trace statistics when it reasons, and its evaluation time."""
-    columns = ["variant", "mode", "trace closure rate", "mean trace tokens", "ms / trace", "traces", "seconds"]
+    """Each variant's embedding mode and its trace statistics when it reasons (its wall-clock times, which change
+    from run to run, are in ``run.json``: :func:`moon3.eval.report.run_record`)."""
+    columns = ["variant", "mode", "trace closure rate", "mean trace tokens", "traces"]
     rows = []
-    seconds = summary.get("seconds", {})
     for variant, mode in summary.get("modes", {}).items():
         stats = mode.get("trace_stats", {})
         cells = [_cell(stats, key, NOT_APPLICABLE) for key in TRACE_FIELDS]
-        rows.append([variant, mode.get("label", NOT_APPLICABLE), *cells, _cell(seconds, variant, NOT_APPLICABLE)])
+        rows.append([variant, mode.get("label", NOT_APPLICABLE), *cells])
     return columns, rows
 
 

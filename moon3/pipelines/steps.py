@@ -169,6 +169,18 @@ def write_params(cfg: Any, path: Path) -> Path:
     return path
 
 
+def training_summary(report_dir: Path) -> dict[str, Any]:
+    """What a training subprocess left in ``report_dir``: ``train_metrics.json`` plus the wall-clock numbers of
+    ``run.json`` (seconds, pairs/s; kept out of the DVC-tracked metrics because they differ run to run)."""
+    from moon3.train.contrastive import RUN_FILE
+
+    summary = json.loads((report_dir / "train_metrics.json").read_text())
+    run_file = report_dir / RUN_FILE
+    if run_file.is_file():
+        summary.update({k: v for k, v in json.loads(run_file.read_text()).items() if k != "mlflow_run_id"})
+    return summary
+
+
 def work_folder(scratch_dir: str, run_id: str) -> Path:
     """This run's folder on the scratch volume (stable across pod retries, so training resumes), else a temp."""
     if scratch_dir:
@@ -242,7 +254,7 @@ def pretrain_step(
         cmd = accelerate_command(num_processes, infra_path(accelerate_config), cfg.train.deepspeed_config, args)
         print("running:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, env=env)
-        summary = json.loads((reports / "train_metrics.json").read_text())
+        summary = training_summary(reports)
     else:
         from moon3.train.contrastive import train_contrastive
 
@@ -367,7 +379,7 @@ def pretrain_trainjob_step(
                     print(f"could not delete TrainJob {namespace}/{name}: {err}", flush=True)
     _copy_model(work / "pretrain" / "final", model_dir)
     _copy_model(work / "pretrain" / "init", init_dir)
-    summary = json.loads((work / "reports" / "train_metrics.json").read_text())
+    summary = training_summary(work / "reports")
     return {k: float(v) for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 

@@ -4,9 +4,12 @@ Reads ``rl.init_dir`` (the pretrained model) and a validated dataset's ``train``
 
     <out_dir>/final/                the RL model (self-contained, ``training.stage: rl``)
     <out_dir>/checkpoints/          TRL checkpoints; ``moon3_complete`` marks one whose files are all written
-    <report_dir>/rl_metrics.json    reward per step, first vs last 10 % of steps, KL, closure, timing
+    <report_dir>/rl_metrics.json    reward per step, first vs last 10 % of steps, KL, closure
     <report_dir>/dvclive/           the same curves for ``dvc plots``, also logged to MLflow (a skipped run: only
                                     ``skipped.json``, so that the DVC output exists)
+    <report_dir>/rl_run.json        the MLflow run id a resume continues, and the wall-clock numbers (``seconds``,
+                                    ``timing`` per step phase): not in the DVC outputs above, which a repeated run
+                                    reproduces exactly (TRL's ``step_time`` and the like go to MLflow only)
 
 A model that was never taught to write traces (``trained_with_traces: false``) has no trace policy to improve:
 the stage copies it to ``final/`` unchanged and says so (``rl_metrics.json: skipped``), as it does with
@@ -62,6 +65,11 @@ def rl_dataset(data: Any, contract: Any):
     return Dataset.from_list(rows, features=features)
 
 
+def is_timing(key: str) -> bool:
+    """Whether a Trainer/TRL log key is wall-clock time (``step_time``, ``train_runtime``, ``*_per_second``)."""
+    return key.endswith(("_time", "_runtime", "_per_second"))
+
+
 def _callbacks(tracker: Any, history: list[dict[str, float]]):
     from transformers import TrainerCallback
 
@@ -72,8 +80,12 @@ def _callbacks(tracker: Any, history: list[dict[str, float]]):
             if not state.is_world_process_zero or not logs:
                 return
             numeric = {k.replace("/", "_"): float(v) for k, v in logs.items() if isinstance(v, int | float)}
+            timing = {k: v for k, v in numeric.items() if is_timing(k)}
+            numeric = {k: v for k, v in numeric.items() if k not in timing}
             history.append({"step": state.global_step, **numeric})
             tracker.log_metrics(numeric, state.global_step)
+            if timing:
+                tracker.log_metrics(timing, state.global_step, live=False)
 
     return [Moon3Callback()]
 
@@ -99,7 +111,7 @@ def train_rl(
         progress: show TRL's progress bar.
 
     Returns:
-        The summary written to ``rl_metrics.json``.
+        The summary written to ``rl_metrics.json``, with ``seconds`` and ``timing`` (``rl_run.json``).
     """
     from moon3.model.embedder import Moon3Embedder
 
@@ -213,6 +225,8 @@ def _run(cfg, embedder, data_dir, init, out, reports, resume, progress, start_re
     elapsed = time.perf_counter() - t0
     steps_done = int(trainer.state.global_step)
     summary = _summary(history, trainer, steps_done, elapsed, start_record, init)
+    timing = {k: summary.pop(k) for k in ("seconds", "timing")}  # rl_run.json, not the DVC outputs
+    state_file.write_text(json.dumps({"mlflow_run_id": tracker.run_id, **timing}, indent=2) + "\n")
     if steps_done >= rc.steps:
         if rc.lora:
             trainer.model = trainer.model.merge_and_unload()
@@ -236,10 +250,10 @@ def _run(cfg, embedder, data_dir, init, out, reports, resume, progress, start_re
             "switches": start_record.get("switches"),
         }
         embedder.save_pretrained(out / "final", training=record)
-        tracker.log_summary({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        tracker.log_summary({k: v for k, v in {**summary, **timing}.items() if isinstance(v, int | float)})
         (reports / "rl_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     tracker.close()
-    return summary
+    return {**summary, **timing}
 
 
 def _window_mean(values: list[float], first: bool) -> float:

@@ -41,7 +41,7 @@ from trl import GRPOTrainer
 from moon3.model import contract as C
 from moon3.model.contract import ContractError
 from moon3.model.fire import FIRE
-from moon3.rl.finetune import COMPLETE_MARKER
+from moon3.rl.finetune import COMPLETE_MARKER, is_timing
 from moon3.rl.grpo_config import RLConfig
 from moon3.rl.rewards import format_reward, length_reward, rank_reward
 from moon3.train.data import PairData
@@ -157,6 +157,12 @@ class Moon3GRPOTrainer(GRPOTrainer):
         if not self.args.should_save:
             return
         folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        # The checkpoints are part of a DVC output, which a repeated run reproduces: no wall-clock numbers in them.
+        state_file = folder / "trainer_state.json"
+        if state_file.exists():
+            saved = json.loads(state_file.read_text())
+            saved["log_history"] = [{k: v for k, v in row.items() if not is_timing(k)} for row in saved["log_history"]]
+            state_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         heads = getattr(self.accelerator.unwrap_model(self.embedder.backbone), HEADS_ATTR, None)
         heads = heads if heads is not None else nn.ModuleDict()
         state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}

@@ -12,6 +12,9 @@ through the cached, retrying client, checks every answer with the grounding filt
                                               claim accuracy, grounded-score histogram, examples; ``imported``:
                                               the same for the traces that came with the dataset
     <report_dir>/synthesis_report.html        the same for people (the validation report's look)
+    <report_dir>/run.json                     ``cached``: answers the teacher cache held (state outside the
+                                              stage's inputs, so in none of the files above, DVC outputs that a
+                                              repeated run reproduces exactly); the returned report has it too
 
 Traces that came with the dataset (``<data_dir>/traces.parquet``, ``TRACE_SCHEMA``; the validation gate has
 already dropped those of unknown, quarantined or evaluation items) pass the same gate: same rules, budget and
@@ -283,10 +286,12 @@ def synthesize(
     for part in (report, report["imported"]):
         if part["in"] != part["accepted"] + sum(part["rejected"].values()) + part["failed"]:
             raise RuntimeError(f"synthesis counts do not reconcile: {part['in']} in, {part}")
-    write_json(reports / "synthesis_report.json", report)
-    # A copy beside the traces (the stage's DVC output and KFP artifact) for the evaluation report; without
-    # `cached`, which changes between runs that write the same traces.
-    write_json(out / "synthesis_report.json", {k: v for k, v in report.items() if k != "cached"})
+    # `cached` changes between runs that write the same traces: run.json only.
+    stable = {k: v for k, v in report.items() if k != "cached"}
+    write_json(reports / "synthesis_report.json", stable)
+    write_json(reports / "run.json", {"cached": report["cached"]})
+    # A copy beside the traces (the stage's DVC output and KFP artifact) for the evaluation report.
+    write_json(out / "synthesis_report.json", stable)
     (reports / "synthesis_report.html").write_text(_html(report))
     return report
 

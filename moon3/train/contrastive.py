@@ -12,7 +12,8 @@ ZeRO-2/3 (``train.deepspeed_config``, launched with ``deepspeed`` or ``torchrun`
 
 Outputs in ``out_dir``: ``init/`` (the untrained model, the baseline for evaluation), ``final/`` (the trained
 model, self-contained, with ``training_probe.safetensors``) and ``checkpoints/``; in ``train.report_dir``:
-``train_metrics.json`` and ``dvclive/``.
+``train_metrics.json`` and ``dvclive/``, and ``run.json`` (the MLflow run id a resume continues, wall-clock seconds
+and pairs/s): what changes from run to run stays out of the DVC outputs, which a repeated run reproduces exactly.
 
 Precision (issue 15): without DeepSpeed the backbone is trained in float32 (fp32 master weights, loaded so even
 from a bf16 checkpoint) under bf16 autocast on a bf16 GPU; with DeepSpeed bf16 the module is bf16 and DeepSpeed
@@ -224,7 +225,8 @@ def train_contrastive(
             change is printed and logged to MLflow as a ``resumed_with_changes`` tag); otherwise that is an error.
 
     Returns:
-        Summary metrics (final loss, temperature, pairs/s, steps).
+        Summary metrics (final loss, temperature, steps: ``train_metrics.json``) with this invocation's
+        ``seconds`` and ``pairs_per_second`` (``run.json``).
     """
     tc = cfg.train
     out = Path(out_dir or tc.out_dir)
@@ -272,11 +274,13 @@ def train_contrastive(
     start_step, run_id = 0, None
     settings = resume_settings({"model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(tc)})
     latest, changes = None, {}
+    run_file = reports / RUN_FILE
     if resume:
         latest, state, changes = resume_from_latest(out, model, optimizer, scheduler, settings, allow_config_change,
                                                     rank=dist.rank, engine=engine)  # fmt: skip
     if latest is not None:
-        start_step, run_id = state["step"], state.get("mlflow_run_id")
+        # Checkpoints written before run.json existed hold the run id themselves.
+        start_step, run_id = state["step"], _read_json(run_file).get("mlflow_run_id") or state.get("mlflow_run_id")
         if dist.is_main:
             print(f"resuming from {latest} (step {start_step})")
             for key, (before, after) in changes.items():
@@ -285,6 +289,8 @@ def train_contrastive(
     from moon3.train.tracking import Tracker
 
     tracker = Tracker(dist.is_main, tc.mlflow_experiment, "pretrain", reports / "dvclive", cfg.to_dict(), run_id)
+    if dist.is_main:
+        _write_json(run_file, {"mlflow_run_id": tracker.run_id})
     if changes:
         tracker.set_tag("resumed_with_changes", "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     sampler = HardNegativeSampler(
@@ -350,7 +356,7 @@ def train_contrastive(
             bar.update(1)
             if (step + 1) % tc.save_every == 0 or step + 1 == tc.steps:
                 save_checkpoint(out, step + 1, model, optimizer, scheduler,
-                                {"mlflow_run_id": tracker.run_id, "settings": settings},
+                                {"settings": settings},
                                 dist.rank, dist.world_size, engine=engine)  # fmt: skip
     except BaseException:
         tracker.close("FAILED")
@@ -358,6 +364,10 @@ def train_contrastive(
     finally:
         bar.close()
     elapsed = time.perf_counter() - t0
+    # Wall-clock numbers go to run.json, not to train_metrics.json (a DVC output a repeated run reproduces).
+    timing = {"seconds": elapsed, "pairs_per_second": pairs_done / max(elapsed, 1e-9)}
+    if dist.is_main:
+        _write_json(run_file, {"mlflow_run_id": tracker.run_id, **timing})
     # No NaN in a metrics file: a value this invocation did not measure is left out and listed under "skipped".
     summary: dict[str, Any] = {
         "steps": end_step,
@@ -365,7 +375,6 @@ def train_contrastive(
         "temperature_init": tc.temperature_init,
         **{f"final_{k}": v for k, v in module_gates(embedder).items() if k.endswith("_mean")},
         "trained_with_traces": use_traces,
-        "pairs_per_second": pairs_done / max(elapsed, 1e-9),
         "world_size": dist.world_size,
     }
     if dist.device.type == "cuda":
@@ -397,10 +406,25 @@ def train_contrastive(
         save_probe(final, *probe)
         reports.mkdir(parents=True, exist_ok=True)
         (reports / "train_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        tracker.log_summary({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        tracker.log_summary({k: v for k, v in {**summary, **timing}.items() if isinstance(v, int | float)})
         tracker.log_model_dir(final)
     tracker.close()
-    return summary
+    return {**summary, **timing}
+
+
+RUN_FILE = "run.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, values: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values, indent=2) + "\n")
 
 
 def parameter_groups(model: ContrastiveModel, tc, lrs: dict[str, float] | None = None) -> list[dict[str, Any]]:

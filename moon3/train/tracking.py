@@ -76,12 +76,15 @@ class Tracker:
             self._mlflow = mlflow
         self._live = Live(str(live_dir), save_dvc_exp=False, dvcyaml=None, resume=bool(resume_run_id))
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """One row of metrics at ``step`` to MLflow and dvclive."""
+    def log_metrics(self, metrics: dict[str, float], step: int, live: bool = True) -> None:
+        """One row of metrics at ``step`` to MLflow and (``live``) dvclive. Wall-clock numbers go to MLflow only
+        (``live=False``): dvclive's files are DVC outputs, which a repeated run must reproduce exactly."""
         if not self.enabled:
             return
         if self.mlflow_on:
             self._mlflow.log_metrics(metrics, step=step)
+        if not live:
+            return
         self._live.step = step
         for name, value in metrics.items():
             self._live.log_metric(name, value)

@@ -11,7 +11,9 @@ Outputs:
     ``quarantine_dir/<table>.parquet``: rejected rows with a ``reasons`` column (list of rule names); always.
     ``out_dir/<table>.parquet``: accepted rows, same schema as the input; only when the gate passes.
     ``out_dir/attribute_vocabulary.json``: the attribute keys and values of the training split (see below).
-    ``report_dir/gx_results.json``, ``validation_report.html``, ``validation_metrics.json``; always.
+    ``report_dir/gx_results.json``, ``validation_report.html``, ``validation_metrics.json``; always. Byte for byte
+    the same for the same input (DVC outputs): the wall-clock ``seconds`` and ``rows_per_second`` (also in the
+    returned metrics) go to ``report_dir/run.json`` instead, and GX's run ids and timestamps are left out.
 
 Attribute vocabulary: learned from the data, not configured (:func:`.checks.learn_attribute_vocabulary`): the
 training split's keys, and per key its values, with product counts. Eval products are checked against it: a
@@ -417,17 +419,44 @@ class _Run:
             failed_rules=len(self.failures),
             blocking_failures=sum(f.blocking for f in self.failures),
             schema_errors=[f.message for f in self.failures if f.check == "schema"],
-            seconds={**{k: round(v, 3) for k, v in self.timings.items()}, "total": round(total, 3)},
-            rows_per_second=round(rows / total, 1) if total > 0 else 0.0,
         )
+        timing = {
+            "seconds": {**{k: round(v, 3) for k, v in self.timings.items()}, "total": round(total, 3)},
+            "rows_per_second": round(rows / total, 1) if total > 0 else 0.0,
+        }
         failures = [f.to_dict() for f in self.failures]
-        self.paths["gx_results"] = write_json(self.reports / GX_RESULTS, self.gx_results)
+        self.paths["gx_results"] = write_json(self.reports / GX_RESULTS, _without_run_ids(self.gx_results))
         self.paths["metrics"] = write_json(self.reports / METRICS, self.metrics)
+        self.paths["run"] = write_json(self.reports / RUN_FILE, timing)
         html = render_html(passed, self.metrics, failures, self.gx_results, self.examples)
         self.paths["html_report"] = self.reports / HTML_REPORT
         self.paths["html_report"].write_text(html)
+        self.metrics.update(timing)  # the caller's metrics keep them (bench, Kubeflow)
         return ValidationResult(passed, self.metrics, self.failures, self.out, self.quarantine, self.reports,
                                 self.paths)  # fmt: skip
+
+
+# What GX stamps on every validation result and that differs between two runs of the same data: ids and times.
+GX_RUN_META = ("run_id", "validation_time", "validation_id")
+RUN_FILE = "run.json"
+
+
+def _without_run_ids(gx_results: dict[str, Any]) -> dict[str, Any]:
+    """``{table: [suite result dict]}`` without :data:`GX_RUN_META` and ``batch_markers.ge_load_time`` in each
+    ``meta``, and without each expectation's random ``id`` (its type, kwargs and ``meta.check`` name it)."""
+
+    def suite(result: dict[str, Any]) -> dict[str, Any]:
+        meta = {k: v for k, v in result.get("meta", {}).items() if k not in GX_RUN_META}
+        if isinstance(meta.get("batch_markers"), dict):
+            meta["batch_markers"] = {k: v for k, v in meta["batch_markers"].items() if k != "ge_load_time"}
+        results = [
+            {**r, "expectation_config": {k: v for k, v in r["expectation_config"].items() if k != "id"}}
+            if isinstance(r.get("expectation_config"), dict) else r
+            for r in result.get("results", [])
+        ]  # fmt: skip
+        return {**result, "meta": meta, "results": results}
+
+    return {table: [suite(r) for r in results] for table, results in gx_results.items()}
 
 
 def _rebase_uri(uri: str | None, src: Path, dest: Path, image_root: str) -> str | None:
