@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run ablate test lint bench clean gate promote
+.PHONY: install run ablate test lint bench clean gate promote image
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,12 @@ promote: install
 	$(BIN)/dvc repro
 	$(BIN)/moon3 register $(MODEL) --pipeline-run-id $(PIPELINE_RUN_ID)
 	$(BIN)/moon3 promote --table reports/gate.md
+
+# The CPU image of this tree, moon3:src-<source hash>, built offline by infra/docker/build_image.sh (base image and
+# wheelhouse cached by content hash; an image with this tree's tag is reused). As root on Debian it installs
+# docker.io/debootstrap and starts dockerd when none runs; `MOON3_IMAGE_FORCE=1 make image` rebuilds.
+image: install
+	PY=$(CURDIR)/$(BIN)/python bash infra/docker/build_image.sh
 
 lint: install
 	$(BIN)/ruff check .

@@ -4,7 +4,8 @@ A git sha cannot name a committed compiled pipeline (the YAML would have to cont
 adds it) and says nothing about uncommitted edits or compile settings. So both names come from content:
 
 * the **source hash**: sha256 over the files an image is built from (``moon3/``, ``infra/`` configs, the
-  Dockerfiles, ``pyproject.toml``, ``constraints.txt``, ``README.md``) as they are in the working tree;
+  Dockerfiles and their build script, ``pyproject.toml``, ``constraints.txt``, ``README.md``) as they are in the
+  working tree;
 * the **image tag** ``src-<source hash>``: ``make image`` tags the image it builds with it, and the compiled
   pipeline names it, so a pipeline and the image it needs always agree;
 * the **pipeline version** ``<package version>+src.<source hash>.p.<params hash>[.dirty]``: the params hash
@@ -29,8 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 # What an image is built from (the Dockerfiles' COPY lines and the install inputs).
 IMAGE_SOURCES = ("moon3", "infra/accelerate", "infra/deepspeed", "infra/docker/Dockerfile",
                  "infra/docker/Dockerfile.cuda", "infra/docker/Dockerfile.dockerignore",
-                 "infra/docker/Dockerfile.cuda.dockerignore", "pyproject.toml", "constraints.txt",
-                 "README.md")  # fmt: skip
+                 "infra/docker/Dockerfile.cuda.dockerignore", "infra/docker/build_image.sh", ".dockerignore",
+                 "pyproject.toml", "constraints.txt", "README.md")  # fmt: skip
 # What a compiled pipeline is built from besides the image sources.
 PIPELINE_SOURCES = (*IMAGE_SOURCES, "components", "pipelines/training_pipeline.py")
 HASH_LENGTH = 12
