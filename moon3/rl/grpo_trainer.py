@@ -151,6 +151,11 @@ class Moon3GRPOTrainer(GRPOTrainer):
 
     # --- checkpoints ------------------------------------------------------------------------------------------
 
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """No TRL model card: it describes a text-generation model fine-tuned from ``None`` (wrong for an embedder),
+        and its tags come from a set, so two identical runs wrote different READMEs into a DVC output."""
+        return None
+
     def _save_checkpoint(self, model, trial):
         # TRL's checkpoint, then the moon3 heads (a LoRA checkpoint holds only the adapters), then the marker.
         super()._save_checkpoint(model, trial)
