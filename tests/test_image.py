@@ -255,3 +255,21 @@ def test_whole_pipeline_runs_in_the_image(image, mlflow_url, tmp_path, monkeypat
     registered = client.get_model_version("moon3", "1")
     assert registered.tags["data_version"] == "generated:mbe3-mini" and registered.tags["pipeline_run_id"]
     assert str(client.get_registered_model("moon3").aliases["champion"]) == "1"
+
+
+def test_dockerfiles_install_the_tested_versions():
+    """Defect 7, the half no machine here can build (the CUDA image needs registry images): both Dockerfiles install
+    every dependency under constraints.txt, torch as the pinned version's CPU or CUDA build, on CPython 3.11."""
+    cpu = (REPO / "infra" / "docker" / "Dockerfile").read_text()
+    cuda = (REPO / "infra" / "docker" / "Dockerfile.cuda").read_text()
+    for name, text in (("Dockerfile", cpu), ("Dockerfile.cuda", cuda)):
+        installs = [line for line in re.split(r"&&|\n", text.replace("\\\n", " ")) if re.search(r"pip install ", line)]
+        assert installs, name
+        unconstrained = [line.strip() for line in installs if "-c constraints.txt" not in line and ".whl" not in line]
+        assert not unconstrained, f"{name}: pip install without constraints.txt: {unconstrained}"
+        assert "COPY pyproject.toml constraints.txt" in text or "constraints.txt" in text.split("RUN")[0], name
+    assert re.search(r"ARG PYTHON_IMAGE=python:3\.11-", cuda) and "FROM ${PYTHON_IMAGE}" in cuda
+    assert re.search(r"ARG BASE_IMAGE=python:3\.11-", cpu)
+    assert "cu128" in cuda and "+${TORCH_VARIANT}" in cuda
+    for name in ("Dockerfile.dockerignore", "Dockerfile.cuda.dockerignore"):
+        assert "!constraints.txt" in (REPO / "infra" / "docker" / name).read_text(), name
