@@ -16,7 +16,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _git(repo: Path, *args: str) -> str | None:
+def git_output(repo: Path, *args: str) -> str | None:
+    """Standard output of ``git -C repo ARGS``, or None when git is missing or fails (not a checkout)."""
     try:
         out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
@@ -26,13 +27,13 @@ def _git(repo: Path, *args: str) -> str | None:
 
 def git_sha(repo: str | Path = REPO, short: bool = True) -> str | None:
     """The commit of ``HEAD`` in ``repo`` (``git rev-parse [--short] HEAD``), or None outside a git checkout."""
-    out = _git(Path(repo), "rev-parse", *(["--short"] if short else []), "HEAD")
+    out = git_output(Path(repo), "rev-parse", *(["--short"] if short else []), "HEAD")
     return (out or "").strip() or None
 
 
 def git_dirty(repo: str | Path = REPO) -> bool | None:
     """Whether tracked files differ from ``HEAD`` (untracked files do not count); None outside a git checkout."""
-    out = _git(Path(repo), "status", "--porcelain", "--untracked-files=no")
+    out = git_output(Path(repo), "status", "--porcelain", "--untracked-files=no")
     return None if out is None else bool(out.strip())
 
 

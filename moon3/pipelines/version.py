@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from moon3.common.provenance import params_hash
+from moon3.common.provenance import git_output, params_hash
 
 REPO = Path(__file__).resolve().parents[2]
 # What an image is built from (the Dockerfiles' COPY lines and the install inputs).
@@ -45,18 +44,10 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def _git(repo: Path, *args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=20, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout
-
-
 def source_files(repo: Path = REPO, sources: tuple[str, ...] = IMAGE_SOURCES) -> list[Path]:
     """The files under ``sources`` that belong to the project: tracked or untracked-but-not-ignored in git (so a
     new module counts before it is committed), or every file but caches outside a git checkout."""
-    listed = _git(repo, "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--", *sources)
+    listed = git_output(repo, "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--", *sources)
     if listed is not None:
         files = {repo / name for name in listed.split("\0") if name}
     else:
@@ -79,7 +70,7 @@ def source_hash(repo: Path = REPO, sources: tuple[str, ...] = IMAGE_SOURCES) -> 
 
 def sources_dirty(repo: Path = REPO, sources: tuple[str, ...] = PIPELINE_SOURCES) -> bool:
     """Whether any of ``sources`` differs from ``HEAD`` (an edit, or a new file not committed); False outside git."""
-    out = _git(repo, "status", "--porcelain", "--", *sources)
+    out = git_output(repo, "status", "--porcelain", "--", *sources)
     return bool(out and out.strip())
 
 
