@@ -65,6 +65,37 @@ def test_empty_or_unclosed_trace_scores_lower_than_well_formed():
     assert length_reward([[5] * 6 + [end]], end, budget) == [pytest.approx(0.5)]
 
 
+def test_grounded_format_reward_pays_for_true_claims_only():
+    """The constant line GRPO converged to under the syntax reward (``category: medium`` for every query) is well
+    formed and false: the grounded reward gives it nothing, and more true keys earn more."""
+    from moon3.rl.rewards import grounded_format_reward
+    from moon3.synthesis.teacher import QUERY, SynthesisItem
+
+    end = 99
+    truth = SynthesisItem("q1", QUERY, None, None, "", ("Home", "Kitchen"), (("color", "red"), ("material", "steel")))
+    category_only = SynthesisItem("q2", QUERY, None, None, "", ("Home", "Kitchen"), ())
+    traces = {
+        "hacked": "category: medium",
+        "one_true": "category: Home",
+        "all_true": "category: Home > Kitchen\ncolor: red\nmaterial: steel",
+        "repeated": "color: red\ncolor: red\ncolor: red",
+        "half_wrong": "color: red\nmaterial: wood",
+        "unknown_key": "category: Home\nvibe: cozy",
+        "prose": "a nice red mug",
+    }
+    bodies = list(traces.values())
+    closed = [[5, end]] * len(bodies)
+    r = dict(zip(traces, grounded_format_reward(bodies, closed, end, [truth] * len(bodies)), strict=True))
+    assert r["hacked"] == 0.0 and r["prose"] == 0.0 and r["half_wrong"] == 0.0
+    assert r["all_true"] == 1.0 and 0.0 < r["one_true"] < r["all_true"]
+    assert r["repeated"] == r["one_true"]  # a repeated claim counts once
+    assert 0.0 < r["unknown_key"] < r["one_true"]  # an uncheckable claim is not grounded
+    unclosed = grounded_format_reward([traces["all_true"]], [[5, 6]], end, [truth])
+    assert unclosed == [0.0]
+    # A category query's positives share only the category: that is all its truth holds.
+    assert grounded_format_reward(["category: Home > Kitchen"], [[5, end]], end, [category_only]) == [1.0]
+
+
 # --- the policy TRL trains is the one that embeds ----------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -38,6 +39,13 @@ class RLConfig:
     epsilon: float = field(default=0.2, metadata={"help": "GRPO ratio clipping."})
     reward_rank_weight: float = field(default=1.0, metadata={"help": "Weight of r_rank = 1 - log(rank)/log(N)."})
     reward_format_weight: float = field(default=0.5, metadata={"help": "Weight of r_format (trace closed)."})
+    format_reward: Literal["grounded", "syntax"] = field(
+        default="grounded",
+        metadata={
+            "help": "r_format: grounded = closed key: value lines scored against the query's positive (true claims "
+            "pay, false ones cost) | syntax = closed key: value lines, whatever they say."
+        },
+    )
     reward_len_weight: float = field(default=0.2, metadata={"help": "Weight of r_len (inside the trace budget)."})
     infonce_weight: float = field(
         default=0.1, metadata={"help": "Weight of InfoNCE over the post-trace embeddings (keeps the space in place)."}

@@ -43,7 +43,8 @@ from moon3.model.contract import ContractError
 from moon3.model.fire import FIRE
 from moon3.rl.finetune import COMPLETE_MARKER, is_timing
 from moon3.rl.grpo_config import RLConfig
-from moon3.rl.rewards import format_reward, length_reward, rank_reward
+from moon3.rl.rewards import format_reward, grounded_format_reward, length_reward, rank_reward
+from moon3.synthesis.teacher import QUERY, SynthesisItem
 from moon3.train.data import PairData
 from moon3.train.loss import contrastive_loss
 
@@ -98,6 +99,7 @@ class Moon3GRPOTrainer(GRPOTrainer):
         # Set by the step's rank reward, read by the InfoNCE anchor of its micro-batches (one generation per step).
         self._step_products: list[int] = []  # product rows every query of the step is ranked against
         self._product_traces: list[list[int]] | None = None  # their greedy trace ids (None: reasoning off)
+        self._truths: dict[int, SynthesisItem] = {}  # query row -> its positive's catalog truth (grounded r_format)
         processor = embedder.processor
         processor.chat_template = RL_CHAT_TEMPLATE
         processor.tokenizer.chat_template = RL_CHAT_TEMPLATE
@@ -301,9 +303,27 @@ class Moon3GRPOTrainer(GRPOTrainer):
         scores = (queries @ products.T).masked_fill(relevant.to(queries.device), float("-inf"))
         return rank_reward(scores.float().cpu(), positives).tolist()
 
-    def r_format(self, prompts, completions, completion_ids, **_: Any) -> list[float]:
-        """1 for a closed trace of ``key: value`` lines, else 0."""
-        return format_reward([_completion_text(c) for c in completions], completion_ids, self.end_id)
+    def r_format(self, prompts, completions, completion_ids, query_row, **_: Any) -> list[float]:
+        """``rl.format_reward``: grounded (true claims about the query's positive) or syntax (closed ``key: value``
+        lines); see :mod:`moon3.rl.rewards`."""
+        bodies = [_completion_text(c) for c in completions]
+        if self.rl.format_reward == "syntax":
+            return format_reward(bodies, completion_ids, self.end_id)
+        truths = [self._query_truth(int(q)) for q in query_row]
+        return grounded_format_reward(bodies, completion_ids, self.end_id, truths)
+
+    def _query_truth(self, row: int) -> SynthesisItem:
+        """What the catalog knows of query ``row``'s positive, as the synthesis grounding filter checks it: its
+        category path and attributes; a category query keeps the category only (its positives share no more)."""
+        if row not in self._truths:
+            query = self.data.queries.iloc[row]
+            product = self.data.products.iloc[int(self.data.positive_rows[row])]
+            path = tuple(product["category_path"] if product["category_path"] is not None else ())
+            attrs = () if query.get("query_type") == "category" else tuple(
+                sorted((str(k), str(v)) for k, v in (product["attributes"] or {}).items())
+            )  # fmt: skip
+            self._truths[row] = SynthesisItem(str(query["query_id"]), QUERY, None, None, "", path, attrs)
+        return self._truths[row]
 
     def r_len(self, prompts, completions, completion_ids, **_: Any) -> list[float]:
         """1 inside the contract's trace budget, falling linearly to 0 at twice it."""
