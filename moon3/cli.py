@@ -406,7 +406,9 @@ def summary_cmd(params: Path = ParamsOpt, overrides: list[str] = SetOpt) -> None
         def number(key: str) -> str:  # a metric a run could not measure is absent (listed under `skipped`)
             return f"{t[key]:.3f}" if isinstance(t.get(key), int | float) else "not measured"
 
-        run_file = Path(cfg.train.report_dir) / "run.json"  # wall-clock numbers, kept out of the DVC outputs
+        from moon3.common.provenance import RUN_FILE
+
+        run_file = Path(cfg.train.report_dir) / RUN_FILE  # wall-clock numbers, kept out of the DVC outputs
         speed = json.loads(run_file.read_text()).get("pairs_per_second") if run_file.exists() else None
         typer.echo(
             f"pretrain: {t.get('steps', '?')} steps, final InfoNCE {number('final_infonce')}, "

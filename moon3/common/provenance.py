@@ -14,6 +14,9 @@ from typing import Any
 
 # The checkout this package was imported from (a site-packages install has no .git: the helpers return None).
 REPO = Path(__file__).resolve().parents[2]
+# Beside each stage's reports: what differs between two runs of the same inputs (wall-clock seconds, rates, the
+# MLflow run id, cache hits). Not a DVC output, so a repeated run reproduces every tracked file byte for byte.
+RUN_FILE = "run.json"
 
 
 def git_output(repo: Path, *args: str) -> str | None:

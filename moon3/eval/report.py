@@ -33,6 +33,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from moon3.common.provenance import RUN_FILE
 from moon3.eval.compare import deltas_as_metrics
 from moon3.eval.plots import plot_confusion, plot_recall_curves, write_plot_data
 from moon3.eval.render import render_html, render_markdown
@@ -146,7 +147,6 @@ def finite_only(node: Any, path: str = "", dropped: list[str] | None = None, as_
     return node
 
 
-RUN_FILE = "run.json"
 # Provenance entries that differ between two runs of the same stage inputs: the checkout (a new commit, uncommitted
 # changes), the configuration outside the stage's DVC params, the clock. The code and params the stage reads are in
 # its dvc.lock entry.

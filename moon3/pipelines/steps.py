@@ -83,6 +83,7 @@ def carry_images(out_dir: str | Path, in_dir: str | Path) -> int:
     Returns:
         The number of files carried.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     out, src_root = Path(out_dir).resolve(), Path(in_dir).resolve()
@@ -113,8 +114,6 @@ def carry_images(out_dir: str | Path, in_dir: str | Path) -> int:
                     carried.add(src)
                 new_values.append(rel.as_posix())
             if new_values != values:
-                import pyarrow as pa
-
                 index = table.column_names.index(column)
                 table = table.set_column(index, table.schema.field(index), pa.array(new_values, pa.string()))
                 changed = True
@@ -172,7 +171,7 @@ def write_params(cfg: Any, path: Path) -> Path:
 def training_summary(report_dir: Path) -> dict[str, Any]:
     """What a training subprocess left in ``report_dir``: ``train_metrics.json`` plus the wall-clock numbers of
     ``run.json`` (seconds, pairs/s; kept out of the DVC-tracked metrics because they differ run to run)."""
-    from moon3.train.contrastive import RUN_FILE
+    from moon3.common.provenance import RUN_FILE
 
     summary = json.loads((report_dir / "train_metrics.json").read_text())
     run_file = report_dir / RUN_FILE

@@ -44,7 +44,7 @@ from moon3.model.fire import FIRE
 from moon3.rl.finetune import COMPLETE_MARKER, is_timing
 from moon3.rl.grpo_config import RLConfig
 from moon3.rl.rewards import format_reward, grounded_format_reward, length_reward, rank_reward
-from moon3.synthesis.teacher import QUERY, SynthesisItem
+from moon3.synthesis.teacher import QUERY, SynthesisItem, catalog_truth
 from moon3.train.data import PairData
 from moon3.train.loss import contrastive_loss
 
@@ -318,10 +318,9 @@ class Moon3GRPOTrainer(GRPOTrainer):
         if row not in self._truths:
             query = self.data.queries.iloc[row]
             product = self.data.products.iloc[int(self.data.positive_rows[row])]
-            path = tuple(product["category_path"] if product["category_path"] is not None else ())
-            attrs = () if query.get("query_type") == "category" else tuple(
-                sorted((str(k), str(v)) for k, v in (product["attributes"] or {}).items())
-            )  # fmt: skip
+            path, attrs = catalog_truth(product["category_path"], product["attributes"])
+            if query.get("query_type") == "category":
+                attrs = ()
             self._truths[row] = SynthesisItem(str(query["query_id"]), QUERY, None, None, "", path, attrs)
         return self._truths[row]
 

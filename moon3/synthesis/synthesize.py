@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moon3.common.provenance import RUN_FILE
 from moon3.data.schema import TRACE_SCHEMA, TRACES, read_dataset, read_table, table_path, write_table
 from moon3.synthesis.grounding import gate_traces
-from moon3.synthesis.teacher import PRODUCT, QUERY, SynthesisItem
+from moon3.synthesis.teacher import PRODUCT, QUERY, SynthesisItem, catalog_truth
 from moon3.validation.report import esc, html_table, page, short, write_json
 
 EXAMPLES = 8
@@ -54,8 +55,7 @@ def build_items(data_dir: str | Path, products: bool = True, queries: bool = Tru
     items: list[SynthesisItem] = []
     by_id = {}
     for row in train.to_dict("records"):
-        attrs = tuple(sorted((str(k), str(v)) for k, v in (row["attributes"] or {}).items()))
-        path = tuple(row["category_path"] or ())
+        path, attrs = catalog_truth(row["category_path"], row["attributes"])
         by_id[row["product_id"]] = (path, attrs)
         if products:
             items.append(SynthesisItem(row["product_id"], PRODUCT, _text(row.get("title")), _text(row.get("image")),
@@ -289,7 +289,7 @@ def synthesize(
     # `cached` changes between runs that write the same traces: run.json only.
     stable = {k: v for k, v in report.items() if k != "cached"}
     write_json(reports / "synthesis_report.json", stable)
-    write_json(reports / "run.json", {"cached": report["cached"]})
+    write_json(reports / RUN_FILE, {"cached": report["cached"]})
     # A copy beside the traces (the stage's DVC output and KFP artifact) for the evaluation report.
     write_json(out / "synthesis_report.json", stable)
     (reports / "synthesis_report.html").write_text(_html(report))

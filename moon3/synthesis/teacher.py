@@ -26,6 +26,13 @@ TRACE_INSTRUCTION = (
 )
 
 
+def catalog_truth(category_path: Any, attributes: Any) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """A product row's ``category_path`` and ``attributes`` (either may be None) as :class:`SynthesisItem` holds
+    them: the facts a trace's claims are checked against."""
+    path = tuple(category_path) if category_path is not None else ()
+    return path, tuple(sorted((str(k), str(v)) for k, v in (attributes or {}).items()))
+
+
 @dataclass(frozen=True)
 class SynthesisItem:
     """One training product or query, as a teacher sees it.

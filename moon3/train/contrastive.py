@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from moon3.common.progress import Progress
+from moon3.common.provenance import RUN_FILE
 from moon3.config import Moon3Config
 from moon3.model.presets import learning_rates
 from moon3.train.checkpoint import resume_from_latest, resume_settings, save_checkpoint
@@ -410,9 +411,6 @@ def train_contrastive(
         tracker.log_model_dir(final)
     tracker.close()
     return {**summary, **timing}
-
-
-RUN_FILE = "run.json"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -61,6 +61,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from moon3.common.provenance import RUN_FILE
 from moon3.data.io import UnreadableFile, is_gcs, join_uri
 from moon3.data.schema import PRODUCTS, QUERIES, SCHEMAS, TRACES, table_path
 from moon3.validation.checks import (
@@ -438,7 +439,6 @@ class _Run:
 
 # What GX stamps on every validation result and that differs between two runs of the same data: ids and times.
 GX_RUN_META = ("run_id", "validation_time", "validation_id")
-RUN_FILE = "run.json"
 
 
 def _without_run_ids(gx_results: dict[str, Any]) -> dict[str, Any]:
